@@ -1,0 +1,114 @@
+"""`python -m stylize CONTENT STYLE [STYLE ...] -o OUT.png`: stylize from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .engine import pick_device, result_metadata, transfer
+from .images import ImageError, load_image, png_metadata, save_png
+from .settings import INITS, PRESET_NAMES, Settings, SettingsError, knob
+from .vgg import WeightsError
+
+# CLI flag -> Settings field, for the flags that map one to one.
+FLAGS = {
+    "size": "size", "steps": "steps", "style_strength": "style_strength",
+    "content_strength": "content_strength", "tv": "smoothing", "style_scale": "style_scale",
+    "style_weights": "style_weights", "preserve_colors": "preserve_colors", "optimizer": "optimizer",
+    "seed": "seed", "weights": "weights", "device": "device",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stylize", description="Repaint a photo in the style of "
+                                "one or more artworks (neural style transfer on VGG19).")
+    p.add_argument("content", nargs="?", help="the photo to repaint")
+    p.add_argument("styles", nargs="*", metavar="style", help="one or more style images")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("--from", dest="from_png", metavar="PNG",
+                   help="repeat the run recorded in a PNG this tool wrote (flags given here override it)")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="quality preset: sets size and steps for this machine's device")
+    for flag, name in FLAGS.items():
+        info = knob(name)
+        kind = {int: int, float: float, str: str, tuple: float}[type(info["default"])]
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=info["choices"],
+                       nargs="+" if isinstance(info["default"], tuple) else None,
+                       help=f"{info['help']} (default: {_show(info['default'])})")
+    p.add_argument("--mask", metavar="PATH",
+                   help="greyscale image over the photo: white = full style, black = keep the photo")
+    p.add_argument("--init", metavar="{content,noise,PATH}", default=None,
+                   help="start from the photo (default), noise, or an image such as a previous result")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (ImageError, SettingsError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    recorded: dict = {}
+    if args.from_png:
+        recorded = _recorded_run(args.from_png)
+    content_path = args.content or recorded.get("content")
+    style_paths = args.styles or recorded.get("styles", [])
+    if not content_path or not style_paths:
+        raise SettingsError("Give a content image and at least one style image, or --from a PNG made by this tool.")
+    mask_path = args.mask or recorded.get("mask")
+    init = args.init or recorded.get("init") or "content"
+
+    settings = Settings.from_json(recorded["settings"]) if recorded else Settings()
+    if args.preset:
+        device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
+        settings = Settings.from_preset(args.preset, device_kind, **{
+            k: v for k, v in vars(settings).items() if k not in ("size", "steps")})
+    overrides = {name: getattr(args, flag) for flag, name in FLAGS.items() if getattr(args, flag) is not None}
+    settings = replace(settings, **overrides, init=init if init in INITS else "content")
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise SettingsError(f"The output folder {output.parent} does not exist.")
+    content = load_image(content_path, "content image")
+    styles = [load_image(path, f"style image {path}") for path in style_paths]
+    mask = load_image(mask_path, "mask") if mask_path else None
+    init_image = None if init in INITS else load_image(init, "init image")
+
+    with tqdm(total=settings.steps, unit="step", dynamic_ncols=True) as bar:
+        for progress in transfer(content, styles, settings, mask=mask, init_image=init_image):
+            bar.update(progress.step - bar.n)
+            bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", loss=f"{progress.losses['total']:.4g}")
+    inputs = {"content": str(content_path), "styles": [str(p) for p in style_paths],
+              "mask": mask_path and str(mask_path), "init": init}
+    save_png(progress.image(), output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
+    if progress.note:
+        print(f"warning: {progress.note}", file=sys.stderr)
+    print(f"wrote {output} ({progress.image().width}x{progress.image().height}, "
+          f"{progress.elapsed:.1f} s, weights: {progress.weights})")
+
+
+def _recorded_run(path: str) -> dict:
+    try:
+        text = png_metadata(path)
+    except OSError:
+        raise ImageError(f"Cannot read {path}; --from needs a PNG written by this tool.") from None
+    if "stylize:settings" not in text or "stylize:inputs" not in text:
+        raise ImageError(f"{path} carries no recorded run; --from needs a PNG written by this tool.")
+    return {"settings": text["stylize:settings"], **json.loads(text["stylize:inputs"])}
+
+
+def _show(value: object) -> str:
+    return "equal" if value == () else str(value)

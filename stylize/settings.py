@@ -1,0 +1,163 @@
+"""Every knob of a style transfer, with its default, its range and its validation.
+
+The UI and the CLI read defaults, ranges and help text from here, so a knob is
+described once. A `Settings` cannot exist with an out-of-range value: the
+constructor raises `SettingsError` with a message that names the knob.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .vgg import LAYER_NAMES
+
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+PRESERVE_COLORS = ("off", "luminance", "histogram")
+INITS = ("content", "noise")
+OPTIMIZERS = ("lbfgs", "adam")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Output size and step count per quality preset, for the kind of device that
+# runs it. On a 2-core CPU "standard" takes about a minute (see bench/README.md).
+PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    "cpu": {
+        "draft": {"size": 256, "steps": 120},
+        "standard": {"size": 512, "steps": 250},
+        "fine": {"size": 768, "steps": 400},
+    },
+    "gpu": {
+        "draft": {"size": 512, "steps": 250},
+        "standard": {"size": 768, "steps": 400},
+        "fine": {"size": 1024, "steps": 600},
+    },
+}
+PRESET_NAMES = ("draft", "standard", "fine")
+
+
+class SettingsError(ValueError):
+    """A setting a user chose is not allowed; the message says what is."""
+
+
+def _knob(default: Any, *, low: float | None = None, high: float | None = None,
+          choices: tuple[str, ...] | None = None, label: str, help: str) -> Any:
+    meta = {"low": low, "high": high, "choices": choices, "label": label, "help": help}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = _knob(512, low=64, high=2048, label="Output size (px)",
+                      help="Long side of the output image in pixels.")
+    steps: int = _knob(250, low=1, high=5000, label="Steps",
+                       help="Optimization steps, summed over all scales.")
+    style_strength: float = _knob(1.0, low=0.0, high=10.0, label="Style strength",
+                                  help="How strongly the output matches the style's textures.")
+    content_strength: float = _knob(1.0, low=0.0, high=10.0, label="Content strength",
+                                    help="How strongly the output keeps the photo's structure.")
+    smoothing: float = _knob(1.0, low=0.0, high=10.0, label="Smoothing",
+                             help="Total-variation weight: higher values give smoother, less noisy output.")
+    style_scale: float = _knob(1.0, low=0.25, high=2.0, label="Style scale",
+                               help="Size at which the style is seen, relative to the output: "
+                                    "small gives fine strokes, large gives big swirls.")
+    style_weights: tuple[float, ...] = _knob((), low=0.0, high=100.0, label="Style blend weights",
+                                             help="One weight per style image (empty: equal weights).")
+    preserve_colors: str = _knob("off", choices=PRESERVE_COLORS, label="Preserve photo colours",
+                                 help="luminance: style the brightness only; "
+                                      "histogram: recolour the style to the photo's palette first.")
+    init: str = _knob("content", choices=INITS, label="Start from",
+                      help="The image the optimization starts from.")
+    optimizer: str = _knob("lbfgs", choices=OPTIMIZERS, label="Optimizer",
+                           help="L-BFGS reaches a good picture in fewer steps; Adam is steadier.")
+    seed: int = _knob(0, low=0, high=2**31 - 1, label="Seed",
+                      help="Same inputs, settings, seed and device give the same pixels.")
+    content_layer: str = _knob("relu4_2", label="Content layer",
+                               help="VGG19 layer whose activations describe content.")
+    style_layers: tuple[str, ...] = _knob(STYLE_LAYERS, label="Style layers",
+                                          help="VGG19 layers whose Gram matrices describe style.")
+    style_layer_weights: tuple[float, ...] = _knob((1.0,) * 5, low=0.0, high=100.0,
+                                                   label="Style layer weights",
+                                                   help="One weight per style layer.")
+    weights: str = _knob("auto", label="VGG19 weights",
+                         help="auto (cache, then download), untrained, or a path to a weights file.")
+    device: str = _knob("auto", choices=DEVICES, label="Device",
+                        help="auto picks CUDA, then Apple MPS, then the CPU.")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = _checked(f.name, f.type, getattr(self, f.name), f.metadata)
+            object.__setattr__(self, f.name, value)
+        if len(self.style_layer_weights) != len(self.style_layers):
+            raise SettingsError(f"style_layer_weights needs one weight per style layer "
+                                f"({len(self.style_layers)}), got {len(self.style_layer_weights)}.")
+        if not self.style_layers:
+            raise SettingsError("style_layers must name at least one layer.")
+        for layer in (self.content_layer, *self.style_layers):
+            if layer not in LAYER_NAMES:
+                raise SettingsError(f"{layer!r} is not a VGG19 layer; use names like relu4_2.")
+
+    @classmethod
+    def from_preset(cls, preset: str, device_kind: str, **overrides: Any) -> Settings:
+        """Settings for a quality preset on a "cpu" or "gpu" device, then `overrides`."""
+        if preset not in PRESET_NAMES:
+            raise SettingsError(f"preset must be one of {', '.join(PRESET_NAMES)}; got {preset!r}.")
+        return cls(**{**PRESETS[device_kind][preset], **overrides})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def with_weights_from_env(self) -> Settings:
+        """`weights="auto"` defers to the STYLIZE_WEIGHTS environment variable."""
+        if self.weights == "auto" and os.environ.get("STYLIZE_WEIGHTS"):
+            return replace(self, weights=os.environ["STYLIZE_WEIGHTS"])
+        return self
+
+
+def knob(name: str) -> dict[str, Any]:
+    """Default, range, label and help of one field, for building UIs and CLIs."""
+    f = next(f for f in fields(Settings) if f.name == name)
+    default = f.default if f.default is not MISSING else f.default_factory()
+    return {"default": default, **f.metadata}
+
+
+def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
+    low, high, choices = meta["low"], meta["high"], meta["choices"]
+    if type_name.startswith("tuple"):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise SettingsError(f"{name} must be a list, got {value!r}.")
+        item_type = "float" if "float" in type_name else "str"
+        return tuple(_checked(name, item_type, v, meta) for v in value)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise SettingsError(f"{name} must be text, got {value!r}.")
+        if choices and value not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}.")
+    if type_name == "int":
+        if number != int(number):
+            raise SettingsError(f"{name} must be a whole number, got {value!r}.")
+        number = int(number)
+    if not low <= number <= high:
+        raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {_fmt(number)}.")
+    return number
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
