@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> None:
     mask = load_image(mask_path, "mask") if mask_path else None
     init_image = None if init in INITS else load_image(init, "init image")
 
+    stream = transfer(content, styles, settings, mask=mask, init_image=init_image)
     with tqdm(total=settings.steps, unit="step", dynamic_ncols=True) as bar:
-        for progress in transfer(content, styles, settings, mask=mask, init_image=init_image):
+        for progress in stream:
             bar.update(progress.step - bar.n)
             bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", loss=f"{progress.losses['total']:.4g}")
     inputs = {"content": str(content_path), "styles": [str(p) for p in style_paths],

@@ -22,7 +22,7 @@ from PIL import Image
 from . import images
 from .losses import content_loss, gram, style_loss, tv_loss
 from .settings import Settings, SettingsError
-from .vgg import feature_extractor, resolve_weights
+from .vgg import Weights, feature_extractor, resolve_weights
 
 START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
@@ -119,7 +119,7 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
 
     `mask` (greyscale, over the content) limits the style to its white parts;
     `init_image` (e.g. a previous result) replaces `settings.init` as the start.
-    Closing the generator stops the work at once.
+    Bad settings raise here, before the first record; closing the generator stops the work at once.
     """
     settings = settings.with_weights_from_env()
     styles = [style] if isinstance(style, Image.Image) else list(style)
@@ -131,12 +131,18 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
         raise SettingsError("At least one style weight must be above zero.")
     if sum(settings.style_layer_weights) <= 0:
         raise SettingsError("At least one style layer weight must be above zero.")
-
+    sizes = scale_sizes(content.size, settings.size)[-settings.steps:]
     device = pick_device(settings.device)
     weights = resolve_weights(settings.weights)
+    # Everything above raises now, at the call; the work itself starts at the first next().
+    return _optimize(content, styles, blend, mask, init_image, settings, sizes, device, weights)
+
+
+def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[float], mask: Image.Image | None,
+              init_image: Image.Image | None, settings: Settings, sizes: list[tuple[int, int]],
+              device: torch.device, weights: Weights) -> Iterator[Progress]:
     vgg = feature_extractor(tuple(dict.fromkeys((settings.content_layer, *settings.style_layers))),
                             settings.weights, str(device))
-    sizes = scale_sizes(content.size, settings.size)[-settings.steps:]
     steps_per_scale = split_steps(settings.steps, len(sizes))
     full = sizes[-1]
 

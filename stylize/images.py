@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,9 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "ima
         raise ImageError(f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. "
                          "Upload a smaller file.")
     try:
-        image = Image.open(opener())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+            image = Image.open(opener())
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
             raise ImageError(f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} "

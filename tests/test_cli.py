@@ -1,0 +1,103 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import artwork, photo
+from PIL import Image
+
+from stylize import Settings
+from stylize.cli import main
+from stylize.images import png_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    photo().save(tmp_path / "photo.jpg")
+    artwork().save(tmp_path / "art.png")
+    artwork(period=16).save(tmp_path / "art2.png")
+    mask = Image.new("L", photo().size, 0)
+    mask.paste(255, (0, 0, 48, 72))
+    mask.save(tmp_path / "mask.png")
+    return tmp_path
+
+
+def test_end_to_end_writes_a_png_that_records_how_it_was_made(inputs, capsys):
+    out = inputs / "out.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(out),
+                 "--size", "80", "--steps", "12", "--seed", "7"]) == 0
+    image = Image.open(out)
+    assert image.size == (80, 60)
+    meta = png_metadata(out)
+    settings = Settings.from_json(meta["stylize:settings"])
+    assert (settings.size, settings.steps, settings.seed) == (80, 12, 7)
+    assert meta["stylize:weights"] == "untrained" and "untrained" in meta["stylize:warning"]
+    err = capsys.readouterr().err
+    assert "warning: Running on untrained VGG19 features" in err
+
+
+def test_from_reproduces_a_run_exactly(inputs):
+    first, again = inputs / "first.png", inputs / "again.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(first),
+                 "--size", "80", "--steps", "10", "--init", "noise", "--seed", "5"]) == 0
+    assert main(["--from", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_every_artistic_flag_is_accepted_and_recorded(inputs):
+    out = inputs / "out.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), str(inputs / "art2.png"), "-o", str(out),
+                 "--size", "80", "--steps", "8", "--style-weights", "0.7", "0.3",
+                 "--preserve-colors", "luminance", "--style-scale", "0.5", "--style-strength", "2",
+                 "--content-strength", "0.5", "--tv", "3", "--mask", str(inputs / "mask.png"),
+                 "--init", "noise", "--optimizer", "adam", "--weights", "untrained", "--device", "cpu"]) == 0
+    meta = png_metadata(out)
+    settings = Settings.from_json(meta["stylize:settings"])
+    assert settings.style_weights == (0.7, 0.3) and settings.preserve_colors == "luminance"
+    assert (settings.style_scale, settings.style_strength, settings.content_strength, settings.smoothing) == \
+        (0.5, 2, 0.5, 3)
+    assert settings.init == "noise" and settings.optimizer == "adam"
+    assert json.loads(meta["stylize:inputs"])["mask"].endswith("mask.png")
+
+
+def test_init_from_a_previous_result(inputs):
+    first, second = inputs / "first.png", inputs / "second.png"
+    common = [str(inputs / "photo.jpg"), str(inputs / "art.png"), "--size", "80"]
+    assert main([*common, "-o", str(first), "--steps", "10"]) == 0
+    assert main([*common, "-o", str(second), "--steps", "2", "--init", str(first)]) == 0
+    assert json.loads(png_metadata(second)["stylize:inputs"])["init"] == str(first)
+
+
+def test_preset_sets_size_and_steps(inputs):
+    out = inputs / "out.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(out), "--preset", "draft",
+                 "--steps", "5"]) == 0
+    settings = Settings.from_json(png_metadata(out)["stylize:settings"])
+    assert settings.size == Settings.from_preset("draft", "cpu").size and settings.steps == 5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing.jpg", "{d}/art.png"], "does not exist"),
+    (["{d}/notes.png", "{d}/art.png"], "not an image"),
+    (["{d}/photo.jpg", "{d}/art.png", "--size", "5"], "size must be between"),
+    (["{d}/photo.jpg", "{d}/art.png", "--style-strength", "nan"], "finite"),
+    (["{d}/photo.jpg", "{d}/art.png", "--style-weights", "1", "2"], "one style weight per style image"),
+    (["{d}/photo.jpg", "{d}/art.png", "-o", "{d}/no/such/dir/out.png"], "output folder"),
+    (["{d}/photo.jpg", "{d}/art.png", "--weights", "{d}/nope.pth"], "Weights file not found"),
+    (["--from", "{d}/art.png"], "carries no recorded run"),
+    (["{d}/photo.jpg"], "at least one style image"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(inputs, args, message):
+    (inputs / "notes.png").write_text("hello")
+    command = [sys.executable, "-m", "stylize", *[a.format(d=inputs) for a in args]]
+    if "-o" not in args:
+        command += ["-o", str(inputs / "out.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
