@@ -33,6 +33,7 @@ ADAM_LR = 0.02  # in pixel units, images in [0, 1]
 TV_BASE = 1e-2  # "smoothing" = 1 gives this total-variation weight
 CONTENT_BASE = 0.05  # "content strength" = 1 gives this content weight (style's is 1)
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
+BYTES_PER_PIXEL = 3500  # peak working memory per output pixel, measured on CPU (bench/README.md)
 
 
 @dataclass
@@ -93,6 +94,33 @@ def cpu_budget() -> int:
     return count
 
 
+def check_memory(size: tuple[int, int], device: torch.device) -> None:
+    """Refuse a size whose working memory would not fit, rather than be killed half-way."""
+    needed = BYTES_PER_PIXEL * size[0] * size[1]
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise SettingsError(f"A {size[0]}x{size[1]} picture needs about {needed / 2**30:.1f} GB of memory and "
+                            f"{free / 2**30:.1f} GB is free on this {device.type.upper()}; choose a smaller size.")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device`, or None where that cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
+        limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+        maximum = open("/sys/fs/cgroup/memory.max").read().strip()
+        if maximum != "max":
+            limits.append(int(maximum) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, KeyError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
 def scale_sizes(image_size: tuple[int, int], long_side: int) -> list[tuple[int, int]]:
     """(width, height) of each scale: geometric from about START_SIDE up to `long_side`."""
     aspect = max(image_size) / min(image_size)
@@ -133,6 +161,7 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
         raise SettingsError("At least one style layer weight must be above zero.")
     sizes = scale_sizes(content.size, settings.size)[-settings.steps:]
     device = pick_device(settings.device)
+    check_memory(sizes[-1], device)
     weights = resolve_weights(settings.weights)
     # Everything above raises now, at the call; the work itself starts at the first next().
     return _optimize(content, styles, blend, mask, init_image, settings, sizes, device, weights)
@@ -204,6 +233,9 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
             x = (average / average_weight).detach()
         yield Progress(step, settings.steps, len(sizes), len(sizes), full, time.perf_counter() - started,
                        objective.last_losses(), weights.kind, weights.note, True, shown(x))
+    except torch.OutOfMemoryError:
+        raise SettingsError(f"Ran out of {device.type.upper()} memory at {size[0]}x{size[1]} pixels; "
+                            "choose a smaller size.") from None
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

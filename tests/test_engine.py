@@ -146,3 +146,9 @@ def test_settings_accept_whole_floats_and_round_trip_through_json():
 def test_output_too_small_for_a_long_thin_image_is_refused():
     with pytest.raises(SettingsError, match="too small"):
         list(transfer(photo(400, 50), artwork(), Settings(size=64, steps=2)))
+
+
+def test_a_size_that_would_not_fit_in_memory_is_refused_before_starting(monkeypatch, content_image, style_image):
+    monkeypatch.setattr("stylize.engine.free_memory", lambda device: 100 * 2**20)
+    with pytest.raises(SettingsError, match="needs about .* GB of memory .* choose a smaller size"):
+        transfer(content_image, style_image, Settings(size=2048))
