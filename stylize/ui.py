@@ -1,0 +1,280 @@
+"""The web app: `build_demo()` returns the Gradio Blocks, `launch_options()` the arguments for its launch().
+
+This is the only module that imports gradio. Every control takes its default,
+range, label and help text from `stylize.settings`; the engine's Progress
+records become a picture and a status line; nothing here knows about tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image, ImageChops
+
+from .engine import Progress, pick_device, result_metadata, scale_sizes, split_steps, transfer
+from .images import MAX_BYTES, ImageError, load_image, save_png
+from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
+from .vgg import WeightsError, resolve_weights
+
+try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere the package is absent.
+    from spaces import GPU
+except ImportError:
+    def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
+        return lambda fn: fn
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
+PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
+HISTORY_LENGTH = 12  # results kept in a browser session's gallery
+KEEP_FILES_SECONDS = 3 * 3600  # previews and results are deleted from the server after this long
+CSS = """
+#status progress { width: 100%; height: 0.5rem; accent-color: var(--color-accent); }
+#status p { margin: 0.25rem 0 0; font-variant-numeric: tabular-nums; }
+#notice { border-left: 4px solid #e8a33d; padding: 0.5rem 0.75rem; background: rgba(232, 163, 61, 0.12); }
+"""
+
+
+@functools.cache
+def device_kind() -> str:
+    """Which column of the quality presets suits this server: "gpu" or "cpu"."""
+    return "cpu" if pick_device().type == "cpu" else "gpu"
+
+
+def build_demo() -> gr.Blocks:
+    """The whole app: inputs, live result, controls, examples and this session's gallery."""
+    kind = device_kind()
+    weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
+    gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
+
+    with gr.Blocks(title="Style transfer", delete_cache=(600, KEEP_FILES_SECONDS)) as demo:
+        gr.Markdown("# Style transfer\nRepaint a photo in the style of an artwork. Add both pictures "
+                    "(or click an example below), then press **Stylize**.")
+        if weights.untrained:
+            gr.Markdown(f"**Degraded mode.** {weights.note}", elem_id="notice")
+
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row(equal_height=True):
+                    content = _upload("Photo", elem_id="content")
+                    style = _upload("Style artwork", elem_id="style")
+                with gr.Row():
+                    preset = gr.Radio([(PRESET_LABELS[name], name) for name in PRESET_NAMES], value="standard",
+                                      label="Quality", info=" · ".join(
+                                          f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
+                                          for name, p in PRESETS[kind].items()))
+                    size = _slider("size", step=32, value=PRESETS[kind]["standard"]["size"])
+                with gr.Row():
+                    style_strength = _slider("style_strength", step=0.1)
+                    content_strength = _slider("content_strength", step=0.1)
+                with gr.Row():
+                    run = gr.Button("Stylize", variant="primary", elem_id="run")
+                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+            with gr.Column(scale=2):
+                result = gr.Image(label="Result", interactive=False, height=480, buttons=["download", "fullscreen"],
+                                  elem_id="result")
+                status = gr.HTML(label="Status", elem_id="status")
+                download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
+
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                preserve_colors = _radio("preserve_colors")
+                optimizer = _radio("optimizer")
+            with gr.Row():
+                style_scale = _slider("style_scale", step=0.05)
+                smoothing = _slider("smoothing", step=0.1)
+                seed = gr.Number(knob("seed")["default"], label=knob("seed")["label"], info=knob("seed")["help"],
+                                 precision=0, minimum=knob("seed")["low"], maximum=knob("seed")["high"])
+            with gr.Row():
+                with gr.Column():
+                    extra_styles = gr.Gallery(label="More style images, blended with the style artwork",
+                                              type="filepath", interactive=True, file_types=["image"], columns=4)
+                    style_weights = gr.Textbox("", label=knob("style_weights")["label"], placeholder="e.g. 1, 0.5",
+                                               info=knob("style_weights")["help"] + " The first is the style "
+                                               "artwork's, then one per extra image, separated by commas.")
+                mask = gr.ImageEditor({"background": None, "layers": [], "composite": None}, elem_id="mask",
+                                      label="Region: paint where the style goes (nothing painted: everywhere)",
+                                      type="pil", image_mode="RGBA", sources=[], transforms=[], layers=False,
+                                      brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"))
+
+        gr.Examples([[str(ASSETS / photo), str(ASSETS / art)] for photo, art in EXAMPLES], [content, style],
+                    [result, status, download], fn=example, cache_examples=True, cache_mode="lazy",
+                    label="Examples (click one; the first click computes it)")
+        history = gr.State([])
+        gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
+                             interactive=False, elem_id="history")
+
+        private = {"queue": False, "api_visibility": "private"}
+        preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
+        content.change(lambda photo: photo, content, mask, **private)
+        download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
+        started = run.click(_busy, None, [run, stop, download, status], **private)
+        job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
+                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
+                                     history],
+                           [result, status, download, gallery, history], api_name="stylize",
+                           concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
+                           concurrency_id="optimizer", show_progress="minimal", show_progress_on=result)
+        # Stylize comes back once the run has really ended: after an error too, which .then() skips.
+        job.then(_idle, None, [run, stop], **private)
+        job.failure(_idle, None, [run, stop], **private)
+        stop.click(lambda: gr.Button(interactive=False), None, stop, cancels=[job], **private)
+    return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")))
+
+
+def launch_options() -> dict[str, Any]:
+    """Arguments for `demo.launch()`: the upload cap, the look, and server-side rendering where Node allows it."""
+    return {"max_file_size": MAX_BYTES, "ssr_mode": ssr_available(), "css": CSS,
+            "theme": gr.themes.Soft(primary_hue="indigo")}
+
+
+def ssr_available() -> bool:
+    """Server-side rendering needs Node 20 or newer; GRADIO_SSR_MODE=false turns it off."""
+    node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
+    if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false" or not node:
+        return False
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return int(version.strip().lstrip("v").split(".")[0]) >= 20
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return False
+
+
+def stylize(content: str | None, style: str | None, preset: str, size: float, style_strength: float,
+            content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
+            style_weights: str, mask: dict | None, optimizer: str, seed: float, smoothing: float,
+            history: list | None = None) -> Iterator[tuple]:
+    """The /stylize endpoint: streams the picture and status line, then adds the result to the gallery."""
+    try:
+        if not content or not style:
+            raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
+        settings = Settings.from_preset(
+            preset, device_kind(), size=size, style_strength=style_strength, content_strength=content_strength,
+            preserve_colors=preserve_colors, style_scale=style_scale, style_weights=_numbers(style_weights),
+            optimizer=optimizer, seed=seed, smoothing=smoothing)
+        photo = load_image(content, "photo")
+        styles = [load_image(style, "style artwork")] + [
+            load_image(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles or [], start=1)]
+        with closing(_run(photo, styles, settings, _painted_region(mask))) as frames:
+            for picture, line in frames:
+                if isinstance(picture, Image.Image):
+                    yield picture, line, gr.skip(), gr.skip(), gr.skip()
+    except (ImageError, SettingsError, WeightsError) as error:
+        raise gr.Error(str(error)) from None
+    history = [(picture, f"{PRESET_LABELS[preset]}, {settings.size} px")] + (history or [])[:HISTORY_LENGTH - 1]
+    yield picture, line, picture, history, history
+
+
+def example(content: str, style: str) -> tuple:
+    """An example's output, computed with the standard preset on its first click and cached for everyone."""
+    frames = _run(load_image(content, "photo"), [load_image(style, "style artwork")],
+                  Settings.from_preset("standard", device_kind()), None)
+    picture, line = deque(frames, maxlen=1).pop()  # the last frame: the saved result
+    return picture, line, picture
+
+
+def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Settings, mask: Image.Image | None) -> int:
+    """A ZeroGPU time slot for one run: start-up plus the steps, which cost more the bigger the image."""
+    return round(30 + settings.steps * 0.1 * (settings.size / 1024) ** 2)
+
+
+@GPU(duration=_gpu_seconds)
+def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
+         mask: Image.Image | None) -> Iterator[tuple[Image.Image | str, str]]:
+    """Drive the engine: yields (preview, status) while it works, then (path of the result PNG, status)."""
+    work = _work_done(content.size, settings)
+    steps = transfer(content, styles, settings, mask=mask)
+    try:
+        for progress in steps:
+            yield (_save(progress, settings) if progress.final else progress.image()), _status(progress, work)
+    finally:
+        steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
+
+
+def _work_done(content_size: tuple[int, int], settings: Settings) -> list[int]:
+    """Work done after each step, counting a step as its scale's pixel count (what VGG19's cost grows with)."""
+    sizes = scale_sizes(content_size, settings.size)[-settings.steps:]
+    return list(accumulate(w * h for (w, h), count in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True)
+                           for _ in range(count)))
+
+
+def _status(progress: Progress, work: list[int]) -> str:
+    width, height = progress.size
+    if progress.final:
+        text = f"Done in {_duration(progress.elapsed)}: {width}×{height} px, {progress.total} steps."
+    else:
+        done = work[min(progress.step, len(work)) - 1]
+        left = progress.elapsed * (work[-1] - done) / done
+        text = (f"Scale {progress.scale} of {progress.scales} ({width}×{height} px) · step {progress.step} of "
+                f"{progress.total} · {_duration(progress.elapsed)} elapsed · about {_duration(left)} left")
+    return f'<progress value="{progress.step}" max="{progress.total}"></progress><p>{text}</p>'
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def _save(progress: Progress, settings: Settings) -> str:
+    """Write the full-size result as a PNG with its settings embedded, where the server serves it from."""
+    folder = Path(gr.utils.get_upload_folder()) / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=folder)) / "stylized.png"
+    save_png(progress.image(), path, result_metadata(settings, progress))
+    return str(path)
+
+
+def _painted_region(editor: dict | None) -> Image.Image | None:
+    """White where the mask editor's layers are painted; None when nothing is (style everywhere)."""
+    layers = (editor or {}).get("layers") or []
+    if not layers:
+        return None
+    region = functools.reduce(ImageChops.lighter, [layer.convert("RGBA").getchannel("A") for layer in layers])
+    return region.point(lambda alpha: 255 if alpha else 0) if region.getbbox() else None
+
+
+def _numbers(text: str | None) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in (text or "").replace(",", " ").split())
+    except ValueError:
+        raise SettingsError(f"Style blend weights must be numbers separated by commas, like 1, 0.5; "
+                            f"got {text!r}.") from None
+
+
+def _busy() -> tuple:
+    waiting = "<p>Starting… When others are ahead of you, your place in the queue shows on the result.</p>"
+    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting
+
+
+def _idle() -> tuple:
+    return gr.Button(interactive=True), gr.Button(interactive=False)
+
+
+def _upload(label: str, elem_id: str) -> gr.Image:
+    """An image input (upload, paste or webcam) whose file reaches `load_image` unopened, so that the
+    engine alone judges an untrusted upload and a file that is no image gets its message, not a bare "Error"."""
+    image = gr.Image(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340,
+                     elem_id=elem_id)
+    image.preprocess = lambda payload: payload.path if payload else None  # gradio's own opens the file with PIL
+    return image
+
+
+def _slider(name: str, step: float, value: float | None = None) -> gr.Slider:
+    info = knob(name)
+    return gr.Slider(info["low"], info["high"], value=info["default"] if value is None else value, step=step,
+                     label=info["label"], info=info["help"])
+
+
+def _radio(name: str) -> gr.Radio:
+    info = knob(name)
+    return gr.Radio(list(info["choices"]), value=info["default"], label=info["label"], info=info["help"])

@@ -1,0 +1,192 @@
+"""The web app, driven through gradio_client against a server launched in-process as app.py launches it."""
+
+import json
+import stat
+import time
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
+from PIL import Image
+
+import stylize.engine
+import stylize.ui
+from stylize.images import MAX_BYTES
+from stylize.settings import PRESETS
+from stylize.ui import build_demo, launch_options, ssr_available
+
+# Small presets so a run takes seconds: "fine" runs until it is stopped.
+TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
+                "fine": {"size": 128, "steps": 5000}}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """One server for the module, launched with the options app.py uses (server-side rendering included)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for kind in PRESETS:
+            for name, preset in TEST_PRESETS.items():
+                patch.setitem(PRESETS[kind], name, preset)
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("examples")))
+        demo = build_demo()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
+        try:
+            yield demo
+        finally:
+            demo.close()
+            if demo.node_process:  # gradio leaves the server-side rendering process running after close()
+                demo.node_process.terminate()
+                demo.node_process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A 128x96 'photo': smooth colour gradients with a bright disc."""
+    y, x = np.mgrid[0:96, 0:128] / 128
+    pixels = np.stack([x, y, 1 - x], axis=-1) * 200
+    pixels[(x - 0.5) ** 2 + (y - 0.35) ** 2 < 0.04] = 250
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return handle_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """An 'artwork': diagonal stripes in two colours."""
+    y, x = np.mgrid[0:96, 0:96]
+    stripes = ((x + y) // 8) % 2 == 0
+    pixels = np.where(stripes[..., None], [230, 180, 30], [20, 40, 120])
+    path = tmp_path_factory.mktemp("in") / "art.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return handle_file(str(path))
+
+
+def test_a_run_streams_several_pictures_then_the_final_png(client, photo, art, monkeypatch):
+    monkeypatch.setattr(stylize.engine, "PREVIEW_SECONDS", 0)  # a preview every step, however fast the machine
+    job = client.submit(content=photo, style=art, api_name="/stylize")
+    outputs = list(job)
+    assert job.status().code == Status.FINISHED
+
+    *previews, final = outputs
+    assert len(previews) >= 3
+    assert len({picture for picture, *_ in previews}) >= 3  # the picture changes as it goes
+    assert all("step" in status and "left" in status for _, status, *_ in previews)
+
+    picture, status, download, gallery = final
+    assert "Done" in status
+    assert download == picture and picture.endswith(".png")
+    assert [item["image"] for item in gallery] == [picture]
+    with Image.open(download) as png:
+        assert png.size == (128, 96)  # full size: the long side is the preset's size
+        assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["standard"]["steps"]
+        assert png.text["stylize:weights"] == "untrained" and "untrained" in png.text["stylize:warning"]
+
+
+def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, monkeypatch):
+    runs = []  # each engine run: how far it got, and whether it was closed
+
+    def watched_transfer(*args, **kwargs):
+        run = {"step": 0, "closed": False}
+        runs.append(run)
+        steps = stylize.engine.transfer(*args, **kwargs)
+        try:
+            for progress in steps:
+                run["step"] = progress.step
+                yield progress
+        finally:
+            steps.close()
+            run["closed"] = True
+
+    monkeypatch.setattr(stylize.ui, "transfer", watched_transfer)
+    endless = client.submit(content=photo, style=art, preset="fine", api_name="/stylize")
+    next(iter(endless))  # it is running
+    waiting = client.submit(content=photo, style=art, preset="draft", api_name="/stylize")
+    _wait_for(lambda: waiting.status().code == Status.IN_QUEUE)
+    assert waiting.status().rank == 0  # first in line, and told so
+
+    assert endless.cancel()
+    picture, status, download, gallery = waiting.result(timeout=120)
+    assert "Done" in status and download == picture
+    assert endless.status().code == Status.CANCELLED
+    assert runs[0]["closed"] and runs[0]["step"] < TEST_PRESETS["fine"]["steps"]  # stopped, not finished
+
+
+def test_an_example_works_with_one_click(client):
+    picture, status, download = client.predict(0, api_name="/load_example")
+    assert "Done" in status and download == picture
+    with Image.open(picture) as png:
+        assert max(png.size) == TEST_PRESETS["standard"]["size"]
+    assert client.predict(0, api_name="/load_example")[0].endswith("stylized.png")  # now from the cache
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"style": None}, "Add a photo and a style artwork"),
+    ({"content": "not-an-image"}, "The photo is not an image this app can read"),
+    ({"style_weights": "1, x"}, "Style blend weights must be numbers"),
+    ({"style_weights": "1, 2"}, "one style weight per style image"),
+    ({"seed": -1}, "less than minimum value 0"),
+])
+def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_path, change, message):
+    if change.get("content") == "not-an-image":
+        (tmp_path / "notes.jpg").write_text("shopping list")
+        change = {"content": handle_file(str(tmp_path / "notes.jpg"))}
+    with pytest.raises(AppError, match=message):
+        client.predict(**{"content": photo, "style": art, "preset": "draft", **change}, api_name="/stylize")
+
+
+def test_the_server_refuses_uploads_over_the_byte_cap(app):
+    response = httpx.post(f"{app.local_url}gradio_api/upload", timeout=60,
+                          files={"files": ("huge.png", b"\0" * (MAX_BYTES + 1), "image/png")})
+    assert response.status_code == 413
+
+
+def test_the_api_endpoint_takes_named_parameters_with_defaults(client):
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/stylize"]
+    parameters = {p["parameter_name"]: p["parameter_has_default"] for p in endpoint["parameters"]}
+    assert list(parameters)[:4] == ["content", "style", "preset", "size"]
+    assert {"style_strength", "content_strength", "preserve_colors", "style_scale", "extra_styles",
+            "style_weights", "mask", "optimizer", "seed", "smoothing"} <= set(parameters)
+    assert [name for name, has_default in parameters.items() if not has_default] == ["content", "style"]
+
+
+def test_the_first_html_already_carries_the_app(app):
+    html = urllib.request.urlopen(app.local_url, timeout=30).read().decode()
+    assert "<title>Style transfer</title>" in html
+    assert app.ssr_mode == ssr_available()
+    if app.ssr_mode:
+        assert 'class="gradio-container' in html  # rendered by the Node server, not left for the browser
+
+
+@pytest.mark.parametrize(("version", "expected"), [("v18.19.0", False), ("v20.11.1", True), ("v24.0.0", True)])
+def test_server_side_rendering_needs_node_20(monkeypatch, tmp_path, version, expected):
+    node = tmp_path / "node"
+    node.write_text(f"#!/bin/sh\necho {version}\n")
+    node.chmod(node.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("GRADIO_NODE_PATH", str(node))
+    monkeypatch.delenv("GRADIO_SSR_MODE", raising=False)
+    assert ssr_available() is expected
+    monkeypatch.setenv("GRADIO_SSR_MODE", "false")
+    assert ssr_available() is False
+
+
+def test_without_node_the_app_renders_in_the_browser(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("GRADIO_NODE_PATH", raising=False)
+    assert ssr_available() is False
+    assert launch_options()["ssr_mode"] is False
+
+
+def _wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
