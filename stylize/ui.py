@@ -39,7 +39,11 @@ PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 KEEP_FILES_SECONDS = 3 * 3600  # previews and results are deleted from the server after this long
 CSS = """
-#status progress { width: 100%; height: 0.5rem; accent-color: var(--color-accent); }
+#status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
+                   overflow: hidden; background: var(--neutral-200); }
+#status progress::-webkit-progress-bar { background: var(--neutral-200); }
+#status progress::-webkit-progress-value { background: var(--primary-500); }
+#status progress::-moz-progress-bar { background: var(--primary-500); }
 #status p { margin: 0.25rem 0 0; font-variant-numeric: tabular-nums; }
 #notice { border-left: 4px solid #e8a33d; padding: 0.5rem 0.75rem; background: rgba(232, 163, 61, 0.12); }
 """
@@ -57,8 +61,8 @@ def build_demo() -> gr.Blocks:
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
-    with gr.Blocks(title="Style transfer", delete_cache=(600, KEEP_FILES_SECONDS)) as demo:
-        gr.Markdown("# Style transfer\nRepaint a photo in the style of an artwork. Add both pictures "
+    with gr.Blocks(title="Stylize", delete_cache=(600, KEEP_FILES_SECONDS)) as demo:
+        gr.Markdown("# Stylize\nRepaint a photo in the style of an artwork. Add both pictures "
                     "(or click an example below), then press **Stylize**.")
         if weights.untrained:
             gr.Markdown(f"**Degraded mode.** {weights.note}", elem_id="notice")
@@ -93,8 +97,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 style_scale = _slider("style_scale", step=0.05)
                 smoothing = _slider("smoothing", step=0.1)
-                seed = gr.Number(knob("seed")["default"], label=knob("seed")["label"], info=knob("seed")["help"],
-                                 precision=0, minimum=knob("seed")["low"], maximum=knob("seed")["high"])
+                seed = _whole_number("seed")
             with gr.Row():
                 with gr.Column():
                     extra_styles = gr.Gallery(label="More style images, blended with the style artwork",
@@ -124,7 +127,7 @@ def build_demo() -> gr.Blocks:
                                      history],
                            [result, status, download, gallery, history], api_name="stylize",
                            concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
-                           concurrency_id="optimizer", show_progress="minimal", show_progress_on=result)
+                           show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
         job.failure(_idle, None, [run, stop], **private)
@@ -273,6 +276,12 @@ def _slider(name: str, step: float, value: float | None = None) -> gr.Slider:
     info = knob(name)
     return gr.Slider(info["low"], info["high"], value=info["default"] if value is None else value, step=step,
                      label=info["label"], info=info["help"])
+
+
+def _whole_number(name: str) -> gr.Number:
+    info = knob(name)
+    return gr.Number(info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"],
+                     info=info["help"])
 
 
 def _radio(name: str) -> gr.Radio:

@@ -120,6 +120,30 @@ def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, mon
     assert runs[0]["closed"] and runs[0]["step"] < TEST_PRESETS["fine"]["steps"]  # stopped, not finished
 
 
+def test_the_advanced_settings_reach_the_engine(client, photo, art, tmp_path):
+    layer = np.zeros((96, 128, 4), np.uint8)
+    layer[:, :64] = [255, 77, 77, 153]  # the left half painted with the editor's brush
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    painted = {"background": photo, "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
+
+    picture, *_ = client.predict(
+        content=photo, style=art, preset="draft", size=96, style_strength=4, content_strength=0.5,
+        preserve_colors="histogram", style_scale=0.5, extra_styles=[{"image": art}], style_weights="2, 1", mask=painted,
+        optimizer="adam", seed=7, smoothing=2, api_name="/stylize")
+
+    with Image.open(picture) as png:
+        settings = json.loads(png.text["stylize:settings"])
+        result = np.asarray(png.convert("RGB"), float)
+    assert {k: settings[k] for k in ("size", "style_strength", "content_strength", "preserve_colors",
+                                     "style_scale", "style_weights", "optimizer", "seed", "smoothing")} == {
+        "size": 96, "style_strength": 4, "content_strength": 0.5, "preserve_colors": "histogram",
+        "style_scale": 0.5, "style_weights": [2, 1], "optimizer": "adam", "seed": 7, "smoothing": 2}
+    with Image.open(photo["path"]) as original:
+        original = np.asarray(original.convert("RGB").resize((96, 72), Image.Resampling.LANCZOS), float)
+    change = np.abs(result - original).mean(axis=(0, 2))
+    assert change[56:].mean() < change[:40].mean() / 3  # styled where painted, the photo elsewhere
+
+
 def test_an_example_works_with_one_click(client):
     picture, status, download = client.predict(0, api_name="/load_example")
     assert "Done" in status and download == picture
@@ -160,7 +184,7 @@ def test_the_api_endpoint_takes_named_parameters_with_defaults(client):
 
 def test_the_first_html_already_carries_the_app(app):
     html = urllib.request.urlopen(app.local_url, timeout=30).read().decode()
-    assert "<title>Style transfer</title>" in html
+    assert "<title>Stylize</title>" in html
     assert app.ssr_mode == ssr_available()
     if app.ssr_mode:
         assert 'class="gradio-container' in html  # rendered by the Node server, not left for the browser
