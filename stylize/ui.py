@@ -44,6 +44,7 @@ CSS = """
 #status progress::-webkit-progress-bar { background: var(--neutral-200); }
 #status progress::-webkit-progress-value { background: var(--primary-500); }
 #status progress::-moz-progress-bar { background: var(--primary-500); }
+#result img { width: 100%; height: 100%; object-fit: contain; }  /* every scale shown at the same size */
 #status p { margin: 0.25rem 0 0; font-variant-numeric: tabular-nums; }
 #notice { border-left: 4px solid #e8a33d; padding: 0.5rem 0.75rem; background: rgba(232, 163, 61, 0.12); }
 """
