@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image, ImageChops
@@ -33,11 +33,11 @@ except ImportError:
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
 
+Control = TypeVar("Control", bound=gr.components.Component)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
-KEEP_FILES_SECONDS = 3 * 3600  # previews and results are deleted from the server after this long
 CSS = """
 #status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
                    overflow: hidden; background: var(--neutral-200); }
@@ -61,8 +61,9 @@ def build_demo() -> gr.Blocks:
     kind = device_kind()
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
+    keep = int(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))  # uploads, previews and results
 
-    with gr.Blocks(title="Stylize", delete_cache=(600, KEEP_FILES_SECONDS)) as demo:
+    with gr.Blocks(title="Stylize", delete_cache=(min(600, keep), keep)) as demo:
         gr.Markdown("# Stylize\nRepaint a photo in the style of an artwork. Add both pictures "
                     "(or click an example below), then press **Stylize**.")
         if weights.untrained:
@@ -74,10 +75,10 @@ def build_demo() -> gr.Blocks:
                     content = _upload("Photo", elem_id="content")
                     style = _upload("Style artwork", elem_id="style")
                 with gr.Row():
-                    preset = gr.Radio([(PRESET_LABELS[name], name) for name in PRESET_NAMES], value="standard",
-                                      label="Quality", info=" · ".join(
-                                          f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
-                                          for name, p in PRESETS[kind].items()))
+                    preset = _checked_by_settings(gr.Radio(
+                        [(PRESET_LABELS[name], name) for name in PRESET_NAMES], value="standard", label="Quality",
+                        info=" · ".join(f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
+                                        for name, p in PRESETS[kind].items())))
                     size = _slider("size", step=32, value=PRESETS[kind]["standard"]["size"])
                 with gr.Row():
                     style_strength = _slider("style_strength", step=0.1)
@@ -173,8 +174,13 @@ def stylize(content: str | None, style: str | None, preset: str, size: float, st
             for picture, line in frames:
                 if isinstance(picture, Image.Image):
                     yield picture, line, gr.skip(), gr.skip(), gr.skip()
-    except (ImageError, SettingsError, WeightsError) as error:
+    except (ImageError, SettingsError) as error:
         raise gr.Error(str(error)) from None
+    except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
+        raise gr.Error("The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS.") \
+            from error
+    except Exception as error:  # a failure on the server: its log has the details, the user a way on
+        raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
     history = [(picture, f"{PRESET_LABELS[preset]}, {settings.size} px")] + (history or [])[:HISTORY_LENGTH - 1]
     yield picture, line, picture, history, history
 
@@ -275,16 +281,24 @@ def _upload(label: str, elem_id: str) -> gr.Image:
 
 def _slider(name: str, step: float, value: float | None = None) -> gr.Slider:
     info = knob(name)
-    return gr.Slider(info["low"], info["high"], value=info["default"] if value is None else value, step=step,
-                     label=info["label"], info=info["help"])
+    return _checked_by_settings(gr.Slider(info["low"], info["high"], value=info["default"] if value is None else value,
+                                          step=step, label=info["label"], info=info["help"]))
 
 
 def _whole_number(name: str) -> gr.Number:
     info = knob(name)
-    return gr.Number(info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"],
-                     info=info["help"])
+    return _checked_by_settings(gr.Number(info["default"], precision=0, minimum=info["low"], maximum=info["high"],
+                                          label=info["label"], info=info["help"]))
 
 
 def _radio(name: str) -> gr.Radio:
     info = knob(name)
-    return gr.Radio(list(info["choices"]), value=info["default"], label=info["label"], info=info["help"])
+    return _checked_by_settings(gr.Radio(list(info["choices"]), value=info["default"], label=info["label"],
+                                         info=info["help"]))
+
+
+def _checked_by_settings(control: Control) -> Control:
+    """Hand the value on as sent: `Settings` checks every value, with a message that names the setting
+    (gradio's own check would answer an API caller's "huge" or 5000 with a bare "Error" or an unnamed range)."""
+    control.preprocess = lambda value: value
+    return control

@@ -157,7 +157,8 @@ def test_an_example_works_with_one_click(client):
     ({"content": "not-an-image"}, "The photo is not an image this app can read"),
     ({"style_weights": "1, x"}, "Style blend weights must be numbers"),
     ({"style_weights": "1, 2"}, "one style weight per style image"),
-    ({"seed": -1}, "less than minimum value 0"),
+    ({"seed": -1}, "seed must be between 0 and"),
+    ({"size": "huge"}, "size must be a number, got 'huge'"),
 ])
 def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_path, change, message):
     if change.get("content") == "not-an-image":
