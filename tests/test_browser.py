@@ -1,9 +1,11 @@
 """The web app in a real headless Chromium, used the way a person uses it."""
 
+import io
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_ui import TEST_PRESETS, app  # noqa: F401 (the launched app is a fixture)
@@ -67,6 +69,34 @@ def test_upload_run_watch_stop_run_again_and_download(page, tmp_path):
         assert png.format == "PNG" and max(png.size) == TEST_PRESETS["draft"]["size"]  # set by the preset
         assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["draft"]["steps"]
     assert page.locator("#history img").count() == 1  # this session's gallery
+
+
+def test_the_style_goes_only_where_the_region_is_painted(page):
+    page.locator("#content input[type=file]").set_input_files(ASSETS / "cat.jpg")
+    page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#content img")
+    page.get_by_text("Advanced").click()
+    page.wait_for_selector("#mask button[aria-label=Undo]:not([disabled])")  # the photo is in the editor
+    page.locator("#mask button[aria-label=Brush]").click()
+    box = page.locator("#mask canvas").first.bounding_box()  # the photo fills its middle three quarters
+    page.mouse.move(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.15)
+    page.mouse.down()
+    for x in (0.15, 0.2, 0.25, 0.3):  # zigzag over the left part of the photo
+        page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * 0.85)
+        page.mouse.move(box["x"] + box["width"] * (x + 0.025), box["y"] + box["height"] * 0.15)
+    page.mouse.up()
+
+    page.get_by_text("Fast draft", exact=True).click()
+    page.locator("#run").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    result = page.request.get(page.evaluate("() => document.querySelector('#result img').src")).body()
+    with Image.open(io.BytesIO(result)) as png, Image.open(ASSETS / "cat.jpg") as photo:
+        result = np.asarray(png.convert("RGB"), float)
+        photo = np.asarray(photo.convert("RGB").resize(png.size, Image.Resampling.LANCZOS), float)
+    change = np.abs(result - photo).mean(axis=(0, 2))  # per column
+    third = len(change) // 3
+    assert change[-third:].max() < 1  # unpainted: the photo itself
+    assert change[:third].mean() > 3  # painted: restyled
 
 
 def test_an_example_works_with_one_click(page):
