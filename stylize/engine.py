@@ -10,6 +10,7 @@ the requested size, with fewer steps at each larger scale.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -46,6 +47,7 @@ class Progress:
     scales: int
     size: tuple[int, int]  # (width, height) of the current scale
     elapsed: float  # seconds since the transfer started
+    done: float  # share of the work done, 0 to 1 (a step costs its scale's pixel count)
     losses: dict[str, float]
     weights: str  # "imagenet", "caffe" or "untrained"
     note: str  # a warning for the user ("" when there is none), e.g. untrained weights
@@ -174,6 +176,9 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
                             settings.weights, str(device))
     steps_per_scale = split_steps(settings.steps, len(sizes))
     full = sizes[-1]
+    # Work done after each step, a step costing its scale's pixel count: what VGG19's time grows with.
+    work = list(itertools.accumulate(w * h for (w, h), count in zip(sizes, steps_per_scale, strict=True)
+                                     for _ in range(count)))
 
     photo = images.to_tensor(content, full).to(device)
     style_side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))
@@ -227,13 +232,16 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
                 step += 1
                 if time.perf_counter() - last_preview >= PREVIEW_SECONDS and step < settings.steps:
                     yield Progress(step, settings.steps, scale, len(sizes), size, time.perf_counter() - started,
+                                   work[step - 1] / work[-1],
                                    objective.last_losses(), weights.kind, weights.note, False,
                                    shown(average / average_weight).detach())
                     last_preview = time.perf_counter()  # the consumer's time does not count
             x = (average / average_weight).detach()
-        yield Progress(step, settings.steps, len(sizes), len(sizes), full, time.perf_counter() - started,
+        yield Progress(step, settings.steps, len(sizes), len(sizes), full, time.perf_counter() - started, 1.0,
                        objective.last_losses(), weights.kind, weights.note, True, shown(x))
-    except torch.OutOfMemoryError:
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
+            raise
         raise SettingsError(f"Ran out of {device.type.upper()} memory at {size[0]}x{size[1]} pixels; "
                             "choose a smaller size.") from None
     finally:
@@ -289,7 +297,8 @@ class _Objective:
 
 def result_metadata(settings: Settings, progress: Progress) -> dict[str, str]:
     """PNG text chunks that record how a result was made, the weights' label included."""
-    meta = {"Software": "stylize", "stylize:settings": settings.to_json(), "stylize:weights": progress.weights}
+    meta = {"Software": "stylize", "stylize:settings": settings.with_weights_from_env().to_json(),
+            "stylize:weights": progress.weights}
     if progress.note:
         meta["stylize:warning"] = progress.note
     return meta

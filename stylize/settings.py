@@ -160,4 +160,4 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

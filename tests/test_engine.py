@@ -60,6 +60,10 @@ def test_stream_yields_previews_then_one_final_image_at_the_requested_size():
     assert steps == sorted(steps)
     scales = [r.size[0] for r in records]
     assert scales == sorted(scales) and scales[0] < 240
+    done = [r.done for r in records]
+    assert done == sorted(done) and 0 < done[0] and done[-1] == 1.0
+    # Later steps cost more (bigger scales), so the work done runs behind the step count early on.
+    assert all(r.done <= r.step / r.total + 1e-9 for r in records)
 
 
 def test_closing_the_generator_stops_the_work(content_image, style_image):
@@ -152,3 +156,13 @@ def test_a_size_that_would_not_fit_in_memory_is_refused_before_starting(monkeypa
     monkeypatch.setattr("stylize.engine.free_memory", lambda device: 100 * 2**20)
     with pytest.raises(SettingsError, match="needs about .* GB of memory .* choose a smaller size"):
         transfer(content_image, style_image, Settings(size=2048))
+
+
+def test_running_out_of_memory_mid_run_becomes_a_message(monkeypatch, content_image, style_image):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+
+    stream = transfer(content_image, style_image, Settings(size=64, steps=5))
+    monkeypatch.setattr("stylize.engine.tv_loss", no_memory)
+    with pytest.raises(SettingsError, match="Ran out of CPU memory at .* choose a smaller size"):
+        list(stream)
