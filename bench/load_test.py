@@ -48,9 +48,14 @@ def parser() -> argparse.ArgumentParser:
 
 def rss_bytes(pid: int | str = "self", field_name: str = "VmRSS") -> int:
     """Resident memory of a process (or its peak, with field_name="VmHWM"), from /proc/PID/status."""
+    return proc_status(pid, field_name) * 1024
+
+
+def proc_status(pid: int | str, field_name: str) -> int:
+    """One number from /proc/PID/status (memory in kB, Threads as a count)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
+            return int(line.split()[1])
     raise ValueError(f"/proc/{pid}/status has no {field_name}")
 
 
@@ -128,11 +133,12 @@ class Tally:
     wrong_image: int = 0
     errors: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    memory: list[int] = field(default_factory=list)  # the server's VmRSS after each completed job
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def client_loop(url: str, index: int, photos: list[Path], art: Path, colours: np.ndarray, jobs: int,
-                deadline: float, tally: Tally, start: threading.Barrier) -> None:
+def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: Path, colours: np.ndarray,
+                jobs: int, deadline: float, tally: Tally, start: threading.Barrier) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
@@ -159,6 +165,7 @@ def client_loop(url: str, index: int, photos: list[Path], art: Path, colours: np
             tally.completed += 1
             tally.latencies.append(time.monotonic() - began)
             tally.wrong_image += nearest != index
+            tally.memory.append(rss_bytes(server_pid))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -181,12 +188,13 @@ def run(args: argparse.Namespace) -> dict:
                                                       preset="draft", api_name="/stylize")
             assert "Done" in warm[1], warm[1]
             before, disk_before = rss_bytes(server.pid), folder_bytes(folder / "cache")
+            threads_before = proc_status(server.pid, "Threads")
 
             tally = Tally()
             start = threading.Barrier(args.clients)
-            threads = [threading.Thread(target=client_loop, daemon=True,
-                                        args=(url, i, photos, art, colours, args.jobs, deadline, tally, start))
-                       for i in range(args.clients)]
+            threads = [threading.Thread(target=client_loop, daemon=True, args=(
+                url, server.pid, i, photos, art, colours, args.jobs, deadline, tally, start))
+                for i in range(args.clients)]
             load_started = time.monotonic()
             for thread in threads:
                 thread.start()
@@ -196,6 +204,7 @@ def run(args: argparse.Namespace) -> dict:
             hung = sum(thread.is_alive() for thread in threads)
 
             after, peak = rss_bytes(server.pid), rss_bytes(server.pid, "VmHWM")
+            threads_after = proc_status(server.pid, "Threads")
             disk_after = folder_bytes(folder / "cache")
             alive = server.poll() is None
         finally:
@@ -212,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
         "hung_clients": hung, "server_alive": alive, "wall_s": wall,
         "latency_median_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
         "rss_before": before, "rss_after": after, "rss_peak": peak,
-        "cache_before": disk_before, "cache_after": disk_after,
+        "cache_before": disk_before, "cache_after": disk_after, "rss_by_job": tally.memory,
+        "threads_before": threads_before, "threads_after": threads_after,
     }
     print(f"load test: {args.clients} clients x {args.jobs} jobs, {args.size} px, {args.steps} steps, "
           f"concurrency {args.concurrency}, queue size {args.queue_size}, loopback {url}")
@@ -223,7 +233,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"time: {wall:.1f} s for the load, job latency median {result['latency_median_s']:.1f} s, "
           f"max {result['latency_max_s']:.1f} s")
     print(f"server memory (VmRSS): before {before / MB:.0f} MB (after one warm-up job), after {after / MB:.0f} MB "
-          f"({(after - before) / MB:+.1f} MB); peak (VmHWM) {peak / MB:.0f} MB")
+          f"({(after - before) / MB:+.1f} MB); peak (VmHWM) {peak / MB:.0f} MB; "
+          f"threads {threads_before} -> {threads_after}")
+    if len(tally.memory) >= 4:  # growth that levels off is allocator pools filling; a leak keeps climbing
+        quarters = [tally.memory[round(len(tally.memory) * q) - 1] for q in (0.25, 0.5, 0.75, 1.0)]
+        print("server memory after 1/4, 1/2, 3/4, all of the jobs: "
+              + ", ".join(f"{m / MB:.0f}" for m in quarters) + " MB")
     print(f"server file cache: before {disk_before / MB:.1f} MB, after {disk_after / MB:.1f} MB")
     return result
 

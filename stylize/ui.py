@@ -7,6 +7,8 @@ records become a picture and a status line; nothing here knows about tensors.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 import shutil
@@ -15,14 +17,13 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from contextlib import closing
-from itertools import accumulate
 from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image, ImageChops
 
-from .engine import Progress, pick_device, result_metadata, scale_sizes, split_steps, transfer
+from .engine import Progress, pick_device, result_metadata, transfer
 from .images import MAX_BYTES, ImageError, load_image, save_png
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
 from .vgg import WeightsError, resolve_weights
@@ -61,7 +62,7 @@ def build_demo() -> gr.Blocks:
     kind = device_kind()
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
-    keep = int(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))  # uploads, previews and results
+    keep = max(1, int(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600)))  # uploads, previews and results
 
     with gr.Blocks(title="Stylize", delete_cache=(min(600, keep), keep)) as demo:
         gr.Markdown("# Stylize\nRepaint a photo in the style of an artwork. Add both pictures "
@@ -107,10 +108,11 @@ def build_demo() -> gr.Blocks:
                     style_weights = gr.Textbox("", label=knob("style_weights")["label"], placeholder="e.g. 1, 0.5",
                                                info=knob("style_weights")["help"] + " The first is the style "
                                                "artwork's, then one per extra image, separated by commas.")
-                mask = gr.ImageEditor({"background": None, "layers": [], "composite": None}, elem_id="mask",
-                                      label="Region: paint where the style goes (nothing painted: everywhere)",
-                                      type="pil", image_mode="RGBA", sources=[], transforms=[], layers=False,
-                                      brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"))
+                mask = _painting(gr.ImageEditor(
+                    {"background": None, "layers": [], "composite": None}, elem_id="mask",
+                    label="Region: paint where the style goes (nothing painted: everywhere)", type="pil",
+                    image_mode="RGBA", sources=[], transforms=[], layers=False,
+                    brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed")))
 
         gr.Examples([[str(ASSETS / photo), str(ASSETS / art)] for photo, art in EXAMPLES], [content, style],
                     [result, status, download], fn=example, cache_examples=True, cache_mode="lazy",
@@ -167,9 +169,10 @@ def stylize(content: str | None, style: str | None, preset: str, size: float, st
             preset, device_kind(), size=size, style_strength=style_strength, content_strength=content_strength,
             preserve_colors=preserve_colors, style_scale=style_scale, style_weights=_numbers(style_weights),
             optimizer=optimizer, seed=seed, smoothing=smoothing)
-        photo = load_image(content, "photo")
-        styles = [load_image(style, "style artwork")] + [
-            load_image(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles or [], start=1)]
+        photo = load_image(_uploaded(content, "photo"), "photo")
+        styles = [load_image(_uploaded(style, "style artwork"), "style artwork")] + [
+            load_image(_uploaded(path, f"extra style image {i}"), f"extra style image {i}")
+            for i, (path, _) in enumerate(extra_styles or [], start=1)]
         with closing(_run(photo, styles, settings, _painted_region(mask))) as frames:
             for picture, line in frames:
                 if isinstance(picture, Image.Image):
@@ -202,29 +205,37 @@ def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Sett
 def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
          mask: Image.Image | None) -> Iterator[tuple[Image.Image | str, str]]:
     """Drive the engine: yields (preview, status) while it works, then (path of the result PNG, status)."""
-    work = _work_done(content.size, settings)
     steps = transfer(content, styles, settings, mask=mask)
     try:
         for progress in steps:
-            yield (_save(progress, settings) if progress.final else progress.image()), _status(progress, work)
+            yield (_save(progress, settings) if progress.final else progress.image()), _status(progress)
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
+        _return_freed_memory()
 
 
-def _work_done(content_size: tuple[int, int], settings: Settings) -> list[int]:
-    """Work done after each step, counting a step as its scale's pixel count (what VGG19's cost grows with)."""
-    sizes = scale_sizes(content_size, settings.size)[-settings.steps:]
-    return list(accumulate(w * h for (w, h), count in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True)
-                           for _ in range(count)))
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
-def _status(progress: Progress, work: list[int]) -> str:
+def _return_freed_memory() -> None:
+    """Hand the heap a finished run freed back to the system. With runs on several threads, glibc keeps
+    each thread's freed blocks for reuse, and the server's resident memory creeps up run after run."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
+        libc.malloc_trim(0)
+
+
+def _status(progress: Progress) -> str:
     width, height = progress.size
     if progress.final:
         text = f"Done in {_duration(progress.elapsed)}: {width}×{height} px, {progress.total} steps."
     else:
-        done = work[min(progress.step, len(work)) - 1]
-        left = progress.elapsed * (work[-1] - done) / done
+        left = progress.elapsed * (1 - progress.done) / progress.done
         text = (f"Scale {progress.scale} of {progress.scales} ({width}×{height} px) · step {progress.step} of "
                 f"{progress.total} · {_duration(progress.elapsed)} elapsed · about {_duration(left)} left")
     return f'<progress value="{progress.step}" max="{progress.total}"></progress><p>{text}</p>'
@@ -261,6 +272,14 @@ def _numbers(text: str | None) -> tuple[float, ...]:
                             f"got {text!r}.") from None
 
 
+def _uploaded(path: str, what: str) -> str:
+    """`path`, if the upload is still on the server: a page left open past the cache cleanup sends a stale one."""
+    if not Path(path).is_file():
+        raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
+                         "Upload it again.")
+    return path
+
+
 def _busy() -> tuple:
     waiting = "<p>Starting… When others are ahead of you, your place in the queue shows on the result.</p>"
     return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting
@@ -277,6 +296,29 @@ def _upload(label: str, elem_id: str) -> gr.Image:
                      elem_id=elem_id)
     image.preprocess = lambda payload: payload.path if payload else None  # gradio's own opens the file with PIL
     return image
+
+
+def _painting(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """The region editor, hardened for the public: every file it sends passes `load_image`'s checks before
+    gradio decodes it (a bomb is refused from its header), and its blob route, which would keep whatever
+    anyone posts to it in server memory until a run claims it, answers no one (the page sends files)."""
+    decode = editor.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        if payload is not None:
+            files = [payload.background, *payload.layers, payload.composite]
+            try:
+                for file in files:
+                    if file is not None and file.path:
+                        load_image(_uploaded(file.path, "painted region"), "painted region")
+            except ImageError as error:
+                raise gr.Error(str(error)) from None
+        return decode(payload)
+
+    editor.preprocess = preprocess
+    editor.accept_blobs = None  # the route looks the function up on the component: now it finds none
+    editor.server_fns = [fn for fn in editor.server_fns if fn.__name__ != "accept_blobs"]
+    return editor
 
 
 def _slider(name: str, step: float, value: float | None = None) -> gr.Slider:
