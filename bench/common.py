@@ -1,0 +1,160 @@
+"""Shared bench helpers: inputs, device, machine header, timed engine runs, tables.
+
+Importing this module puts the repository root on sys.path, so `python bench/NAME.py`
+finds the `stylize` package without installing it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from stylize import Progress, Settings, load_image, transfer  # noqa: E402
+from stylize.engine import cpu_budget, pick_device  # noqa: E402
+from stylize.images import fit, to_tensor  # noqa: E402
+from stylize.settings import STYLE_LAYERS  # noqa: E402
+from stylize.vgg import feature_extractor  # noqa: E402
+
+IMAGES = Path(os.environ.get("STYLIZE_BENCH_IMAGES", ROOT.parent / "shared" / "images"))
+CONTENT = "tubingen.jpg"
+STYLE = "starry_night.jpg"
+
+
+def device_from_args(name: str = "auto") -> torch.device:
+    """The engine's own device choice (it also sets CPU threads and TF32)."""
+    return pick_device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_header(device: torch.device) -> str:
+    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"# {datetime.date.today()}  {platform.node()}  nproc={os.cpu_count()} budget={cpu_budget()}  "
+            f"device={device.type} ({where})  torch {torch.__version__}  threads={torch.get_num_threads()}  "
+            f"load avg {load}")
+
+
+def load_images(content: str = CONTENT, style: str = STYLE) -> tuple[Image.Image, Image.Image]:
+    return load_image(IMAGES / content, "content"), load_image(IMAGES / style, "style")
+
+
+def load_pair(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Content and style as (1, 3, H, W) tensors whose long side is `size`, as the engine sees them."""
+    content, style = load_images()
+    return (to_tensor(content, fit(content.size, size)).contiguous().to(device),
+            to_tensor(style, fit(style.size, size)).contiguous().to(device))
+
+
+def engine_settings(device: torch.device, **overrides: object) -> Settings:
+    return Settings(**{"weights": "untrained", "device": device.type, **overrides})
+
+
+def load_engine_weights(settings: Settings, device: torch.device) -> float:
+    """Build (or fetch from cache) the engine's VGG19 as transfer() will; returns the seconds it took."""
+    layers = tuple(dict.fromkeys((settings.content_layer, *settings.style_layers)))
+    started = time.perf_counter()
+    feature_extractor(layers, settings.weights, str(device))
+    sync(device)
+    return time.perf_counter() - started
+
+
+@dataclass
+class EngineRun:
+    """Consumer-side time stamps of every Progress a transfer yielded (seconds since the call)."""
+
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds (all threads) since the call
+    records: list[Progress] = field(default_factory=list)
+
+    @property
+    def first_preview(self) -> float:
+        return self.times[0]
+
+    @property
+    def final(self) -> float:
+        return self.times[-1]
+
+    def step_seconds(self, scale: int) -> float:
+        """Mean seconds per step over the Progress records of one scale (its set-up excluded)."""
+        points = [(p.step, t) for p, t in zip(self.records, self.times, strict=True) if p.scale == scale]
+        if len(points) < 2:
+            return float("nan")
+        (s0, t0), (s1, t1) = points[0], points[-1]
+        return (t1 - t0) / (s1 - s0)
+
+
+def run_engine(content: Image.Image, style: Image.Image, settings: Settings, device: torch.device, *,
+               consumer: Callable[[Progress], object] | None = None) -> EngineRun:
+    """Run a transfer to the end, time-stamping each Progress as the consumer receives it.
+
+    Progress pixels are kept (on the device) for later evaluation outside the timed region;
+    `consumer`, if given, is called on each record inside the timed region (as a UI would).
+    """
+    run = EngineRun()
+    sync(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for progress in transfer(content, style, settings):
+        sync(device)
+        run.times.append(time.perf_counter() - started)
+        run.cpu_times.append(time.process_time() - cpu_started)
+        run.records.append(progress)
+        if consumer is not None:
+            consumer(progress)
+    return run
+
+
+def warm_up(device: torch.device) -> None:
+    """One tiny transfer, so allocators and kernels are warm before anything is timed."""
+    content, style = load_images()
+    for _ in transfer(content, style, engine_settings(device, size=128, steps=4)):
+        pass
+    sync(device)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+__all__ = ["STYLE_LAYERS", "EngineRun", "device_from_args", "engine_settings", "load_engine_weights",
+           "load_images", "load_pair", "machine_header", "run_engine", "sync", "table", "warm_up"]
