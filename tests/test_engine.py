@@ -114,6 +114,14 @@ def test_losses_mean_the_same_at_every_resolution_and_feature_scale():
     assert style_error(128, 100.0) == pytest.approx(base, rel=1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_gram_gradient_is_the_true_gradient(masked):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 4, 5, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    mask = torch.rand(2, 1, 5, 7, dtype=torch.float64, generator=generator) if masked else None
+    assert torch.autograd.gradcheck(lambda f: gram(f, mask), (features,))
+
+
 def test_scales_grow_by_about_sqrt2_from_128_to_the_requested_size():
     sizes = scale_sizes((1024, 768), 512)
     assert sizes[0] == (128, 96) and sizes[-1] == (512, 384)
