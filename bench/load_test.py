@@ -3,10 +3,11 @@
 Starts the app (stylize.ui.build_demo, as app.py does) in a child process bound to 127.0.0.1, with
 every quality preset shrunk to --size px and --steps steps so that a job takes seconds, then runs
 --clients gradio_client clients at once, each sending --jobs jobs back to back through /stylize.
-Each client sends its own photo (its own colour), and a result nearer another client's colour
-than its own counts as a wrong image. Everything is bounded: the job count, and --timeout seconds
+Each client sends its own photo (its own colour); before the load, each photo's result is made
+once, alone, as a reference, and a result nearer another client's reference than its own counts
+as a wrong image. Everything is bounded: the job count, and --timeout seconds
 for the whole run. Prints jobs completed, errors by message, and the server process's resident
-memory (VmRSS from /proc) after one warm-up job and after all the jobs, plus its peak (VmHWM).
+memory (VmRSS from /proc) after the reference jobs and after all the jobs, plus its peak (VmHWM).
 
     python bench/load_test.py                       # 4 clients x 5 jobs
     python bench/load_test.py --clients 8 --jobs 3 --concurrency 2 --queue-size 4
@@ -84,9 +85,9 @@ def make_artwork(path: Path) -> None:
     Image.fromarray(np.where(((x + y) // 6) % 2 == 0, 200, 60).astype(np.uint8)).convert("RGB").save(path)
 
 
-def mean_colour(path: str) -> np.ndarray:
+def pixels(path: str) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), np.float64).reshape(-1, 3).mean(0)
+        return np.asarray(image.convert("RGB"), np.float64)
 
 
 # --- the server, in a child process ---------------------------------------------------------------
@@ -137,8 +138,9 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: Path, colours: np.ndarray,
-                jobs: int, deadline: float, tally: Tally, start: threading.Barrier) -> None:
+def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: Path,
+                references: list[np.ndarray], jobs: int, deadline: float, tally: Tally,
+                start: threading.Barrier) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
@@ -160,7 +162,8 @@ def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: 
             with tally.lock:
                 tally.errors[message] += 1
             continue
-        nearest = int(np.argmin(np.linalg.norm(colours - mean_colour(picture), axis=1)))
+        result = pixels(picture)
+        nearest = int(np.argmin([np.abs(result - reference).mean() for reference in references]))
         with tally.lock:
             tally.completed += 1
             tally.latencies.append(time.monotonic() - began)
@@ -175,25 +178,27 @@ def run(args: argparse.Namespace) -> dict:
     deadline = started + args.timeout
     with tempfile.TemporaryDirectory(prefix="stylize-load-") as tmp:
         folder = Path(tmp)
-        colours = np.array([colour_of(i, args.clients) for i in range(args.clients)], np.float64)
         photos = [folder / f"photo{i}.png" for i in range(args.clients)]
-        for path, colour in zip(photos, colours, strict=True):
-            make_photo(path, tuple(int(c) for c in colour))
+        for i, path in enumerate(photos):
+            make_photo(path, colour_of(i, args.clients))
         art = folder / "art.png"
         make_artwork(art)
 
         server, url = start_server(args, folder)
         try:
-            warm = Client(url, verbose=False).predict(content=handle_file(str(photos[0])), style=handle_file(str(art)),
-                                                      preset="draft", api_name="/stylize")
-            assert "Done" in warm[1], warm[1]
+            references = []  # each photo's result made alone; the first run also warms the server up
+            for photo in photos:
+                picture, status, *_ = Client(url, verbose=False).predict(
+                    content=handle_file(str(photo)), style=handle_file(str(art)), preset="draft", api_name="/stylize")
+                assert "Done" in status, status
+                references.append(pixels(picture))
             before, disk_before = rss_bytes(server.pid), folder_bytes(folder / "cache")
             threads_before = proc_status(server.pid, "Threads")
 
             tally = Tally()
             start = threading.Barrier(args.clients)
             threads = [threading.Thread(target=client_loop, daemon=True, args=(
-                url, server.pid, i, photos, art, colours, args.jobs, deadline, tally, start))
+                url, server.pid, i, photos, art, references, args.jobs, deadline, tally, start))
                 for i in range(args.clients)]
             load_started = time.monotonic()
             for thread in threads:
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {count} x {message}")
     print(f"time: {wall:.1f} s for the load, job latency median {result['latency_median_s']:.1f} s, "
           f"max {result['latency_max_s']:.1f} s")
-    print(f"server memory (VmRSS): before {before / MB:.0f} MB (after one warm-up job), after {after / MB:.0f} MB "
+    print(f"server memory (VmRSS): before {before / MB:.0f} MB (after the reference jobs), after {after / MB:.0f} MB "
           f"({(after - before) / MB:+.1f} MB); peak (VmHWM) {peak / MB:.0f} MB; "
           f"threads {threads_before} -> {threads_after}")
     if len(tally.memory) >= 4:  # growth that levels off is allocator pools filling; a leak keeps climbing

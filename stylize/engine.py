@@ -29,7 +29,7 @@ START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
 STEP_DECAY = 0.6  # each scale gets this share of the previous scale's steps
 PREVIEW_SECONDS = 0.25  # at most one preview per this long
-AVERAGE_DECAY = 0.9  # the shown image is an exponential moving average of the iterates
+AVERAGE_DECAY = 0.8  # the shown image is an exponential moving average of the iterates (0.9 lags: bench/README.md)
 ADAM_LR = 0.02  # in pixel units, images in [0, 1]
 TV_BASE = 1e-2  # "smoothing" = 1 gives this total-variation weight
 CONTENT_BASE = 0.05  # "content strength" = 1 gives this content weight (style's is 1)
