@@ -1,4 +1,8 @@
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,3 +54,55 @@ def style_distance(a: Image.Image, b: Image.Image) -> float:
     with torch.no_grad():
         fa, fb = vgg(to_tensor(a)), vgg(to_tensor(b.resize(a.size)))
     return sum(relative_error(gram(fa[n]), gram(fb[n])).item() for n in s.style_layers)
+
+
+@contextmanager
+def live_app(presets: dict, examples: Path, **env: str) -> Iterator:
+    """The app launched in-process with the options app.py uses (server-side rendering included, where
+    Node allows), every device's presets replaced by `presets` and the environment variables `env` set."""
+    from stylize.settings import PRESETS
+    from stylize.ui import build_demo, launch_options
+
+    with pytest.MonkeyPatch.context() as patch:
+        for kind in PRESETS:
+            for name, preset in presets.items():
+                patch.setitem(PRESETS[kind], name, preset)
+        for name, value in {"GRADIO_EXAMPLES_CACHE": str(examples), **env}.items():
+            patch.setenv(name, value)
+        demo = build_demo()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
+        try:
+            yield demo
+        finally:
+            demo.close()
+            if demo.node_process:  # gradio leaves the server-side rendering process running after close()
+                demo.node_process.terminate()
+                demo.node_process.wait(timeout=10)
+
+
+@pytest.fixture
+def engine_runs(monkeypatch):
+    """Each engine run the app starts, as {"closed": threading.Event, "steps": int}, in order."""
+    import stylize.engine
+    import stylize.ui  # imported here, as in live_app: the engine's tests run without gradio
+
+    runs: list[dict] = []
+    real = stylize.engine.transfer
+
+    def watched(*args, **kwargs):
+        steps = real(*args, **kwargs)  # bad settings raise here, as the real one does
+        run = {"closed": threading.Event(), "steps": 0}
+        runs.append(run)
+
+        def stream():
+            try:
+                for progress in steps:
+                    run["steps"] = progress.step
+                    yield progress
+            finally:
+                steps.close()
+                run["closed"].set()
+        return stream()
+
+    monkeypatch.setattr(stylize.ui, "transfer", watched)
+    return runs

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import artwork, photo
+from conftest import artwork, live_app, photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError, Status
@@ -37,8 +37,6 @@ from test_images import encoded, png_bomb
 import stylize.engine
 import stylize.ui
 from stylize.cli import main as cli_main
-from stylize.settings import PRESETS
-from stylize.ui import build_demo, launch_options
 from stylize.vgg import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,24 +49,10 @@ MEMORY_BOUND = 32 * 2**20  # what 20 jobs may add to the server's resident memor
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The app as app.py launches it (server-side rendering too, where Node allows), with tiny presets."""
-    with pytest.MonkeyPatch.context() as patch:
-        for kind in PRESETS:
-            for name, preset in SMALL.items():
-                patch.setitem(PRESETS[kind], name, preset)
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("examples")))
-        patch.setenv("STYLIZE_CONCURRENCY", "2")
-        patch.setenv("STYLIZE_QUEUE_SIZE", "2")
-        patch.setenv("HF_TOKEN", SECRET)
-        demo = build_demo()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
-        try:
-            yield demo
-        finally:
-            demo.close()
-            if demo.node_process:
-                demo.node_process.terminate()
-                demo.node_process.wait(timeout=10)
+    """Two jobs at once, room for two more in the queue, tiny presets, a token in the environment."""
+    with live_app(SMALL, tmp_path_factory.mktemp("examples"), STYLIZE_CONCURRENCY="2", STYLIZE_QUEUE_SIZE="2",
+                  HF_TOKEN=SECRET) as demo:
+        yield demo
 
 
 @pytest.fixture(scope="module")
@@ -87,31 +71,6 @@ def good(folder):
     photo(128, 96).save(folder / "photo.png")
     artwork().save(folder / "art.png")
     return str(folder / "photo.png"), str(folder / "art.png")
-
-
-@pytest.fixture
-def engine_runs(monkeypatch):
-    """Each engine run the app starts, as {"closed": threading.Event, "steps": int}, in order."""
-    runs: list[dict] = []
-    real = stylize.engine.transfer
-
-    def watched(*args, **kwargs):
-        steps = real(*args, **kwargs)  # bad settings raise here, as the real one does
-        run = {"closed": threading.Event(), "steps": 0, "content": args[0]}
-        runs.append(run)
-
-        def stream():
-            try:
-                for progress in steps:
-                    run["steps"] = progress.step
-                    yield progress
-            finally:
-                steps.close()
-                run["closed"].set()
-        return stream()
-
-    monkeypatch.setattr(stylize.ui, "transfer", watched)
-    return runs
 
 
 def file_of(folder: Path, name: str, data: bytes) -> str:

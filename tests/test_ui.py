@@ -8,6 +8,7 @@ import urllib.request
 import httpx
 import numpy as np
 import pytest
+from conftest import live_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -16,8 +17,7 @@ from PIL import Image
 import stylize.engine
 import stylize.ui
 from stylize.images import MAX_BYTES
-from stylize.settings import PRESETS
-from stylize.ui import build_demo, launch_options, ssr_available
+from stylize.ui import launch_options, ssr_available
 
 # Small presets so a run takes seconds: "fine" runs until it is stopped.
 TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
@@ -26,21 +26,8 @@ TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "st
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """One server for the module, launched with the options app.py uses (server-side rendering included)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for kind in PRESETS:
-            for name, preset in TEST_PRESETS.items():
-                patch.setitem(PRESETS[kind], name, preset)
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("examples")))
-        demo = build_demo()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
-        try:
-            yield demo
-        finally:
-            demo.close()
-            if demo.node_process:  # gradio leaves the server-side rendering process running after close()
-                demo.node_process.terminate()
-                demo.node_process.wait(timeout=10)
+    with live_app(TEST_PRESETS, tmp_path_factory.mktemp("examples")) as demo:
+        yield demo
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +78,7 @@ def test_a_run_streams_several_pictures_then_the_final_png(client, photo, art, m
         assert png.text["stylize:weights"] == "untrained" and "untrained" in png.text["stylize:warning"]
 
 
-def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, monkeypatch):
-    runs = []  # each engine run: how far it got, and whether it was closed
-
-    def watched_transfer(*args, **kwargs):
-        run = {"step": 0, "closed": False}
-        runs.append(run)
-        steps = stylize.engine.transfer(*args, **kwargs)
-        try:
-            for progress in steps:
-                run["step"] = progress.step
-                yield progress
-        finally:
-            steps.close()
-            run["closed"] = True
-
-    monkeypatch.setattr(stylize.ui, "transfer", watched_transfer)
+def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, engine_runs):
     endless = client.submit(content=photo, style=art, preset="fine", api_name="/stylize")
     next(iter(endless))  # it is running
     waiting = client.submit(content=photo, style=art, preset="draft", api_name="/stylize")
@@ -117,7 +89,8 @@ def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, mon
     picture, status, download, gallery = waiting.result(timeout=120)
     assert "Done" in status and download == picture
     assert endless.status().code == Status.CANCELLED
-    assert runs[0]["closed"] and runs[0]["step"] < TEST_PRESETS["fine"]["steps"]  # stopped, not finished
+    assert engine_runs[0]["closed"].wait(timeout=30)
+    assert engine_runs[0]["steps"] < TEST_PRESETS["fine"]["steps"]  # stopped, not finished
 
 
 def test_the_advanced_settings_reach_the_engine(client, photo, art, tmp_path):
