@@ -18,7 +18,9 @@ from collections.abc import Callable
 
 import torch
 import torchvision
-from common import device_from_args, load_pair, machine_header
+from common import load_pair, machine_header
+
+from stylize.engine import pick_device
 
 STYLE_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
 CONTENT_LAYER = ("relu4_2", 22)
@@ -114,7 +116,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    device = device_from_args(args.device)
+    device = pick_device(args.device)
     print(machine_header(device))
     content, style = load_pair(args.size, device)
     net = textbook_vgg(device)

@@ -6,6 +6,7 @@ finds the `stylize` package without installing it.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -30,11 +31,6 @@ from stylize.vgg import feature_extractor  # noqa: E402
 IMAGES = Path(os.environ.get("STYLIZE_BENCH_IMAGES", ROOT.parent / "shared" / "images"))
 CONTENT = "tubingen.jpg"
 STYLE = "starry_night.jpg"
-
-
-def device_from_args(name: str = "auto") -> torch.device:
-    """The engine's own device choice (it also sets CPU threads and TF32)."""
-    return pick_device(name)
 
 
 def sync(device: torch.device) -> None:
@@ -77,11 +73,16 @@ def engine_settings(device: torch.device, **overrides: object) -> Settings:
     return Settings(**{"weights": "untrained", "device": device.type, **overrides})
 
 
-def load_engine_weights(settings: Settings, device: torch.device) -> float:
-    """Build (or fetch from cache) the engine's VGG19 as transfer() will; returns the seconds it took."""
-    layers = tuple(dict.fromkeys((settings.content_layer, *settings.style_layers)))
+def engine_vgg(device: torch.device) -> torch.nn.Module:
+    """The engine's VGG19 feature extractor with its default layers and untrained weights, as transfer() gets it."""
+    settings = engine_settings(device)
+    return feature_extractor(settings.layers, settings.weights, str(device))
+
+
+def load_engine_weights(device: torch.device) -> float:
+    """Build (or fetch from cache) the engine's VGG19; returns the seconds it took."""
     started = time.perf_counter()
-    feature_extractor(layers, settings.weights, str(device))
+    engine_vgg(device)
     sync(device)
     return time.perf_counter() - started
 
@@ -131,6 +132,16 @@ def run_engine(content: Image.Image, style: Image.Image, settings: Settings, dev
     return run
 
 
+def start(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device]:
+    """Parse a bench's arguments (adding --device), print the machine, warm up; returns (args, device)."""
+    parser.add_argument("--device", default="auto", help="auto (the engine's choice), cpu, cuda or mps")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    print(machine_header(device), flush=True)
+    warm_up(device)
+    return args, device
+
+
 def warm_up(device: torch.device) -> None:
     """One tiny transfer, so allocators and kernels are warm before anything is timed."""
     content, style = load_images()
@@ -156,5 +167,5 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-__all__ = ["STYLE_LAYERS", "EngineRun", "device_from_args", "engine_settings", "load_engine_weights",
-           "load_images", "load_pair", "machine_header", "run_engine", "sync", "table", "warm_up"]
+__all__ = ["STYLE_LAYERS", "EngineRun", "engine_settings", "engine_vgg", "load_engine_weights",
+           "load_images", "load_pair", "machine_header", "run_engine", "start", "sync", "table", "warm_up"]

@@ -23,12 +23,12 @@ import subprocess
 import sys
 import time
 
-import common
 import torch
 from baseline import run_baseline, textbook_vgg
 from common import engine_settings, load_engine_weights, load_images, load_pair, machine_header, table
 
 from stylize import transfer
+from stylize.engine import pick_device
 from stylize.images import fit
 
 GIB = 2**30
@@ -41,7 +41,7 @@ def child(method: str, size: int, steps: int, device: torch.device) -> dict[str,
         content, style = load_pair(size, device)
     else:
         settings = engine_settings(device, size=size, steps=steps)
-        load_engine_weights(settings, device)
+        load_engine_weights(device)
         content, style = load_images()
     reset = reset_peak(device)
     started = time.perf_counter()
@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--child", nargs=3, metavar=("METHOD", "SIZE", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    device = common.device_from_args(args.device)
+    device = pick_device(args.device)
     if args.child:
         method, size, steps = args.child
         print(json.dumps(child(method, int(size), int(steps), device)))

@@ -19,10 +19,10 @@ import time
 import common
 import torch
 from baseline import run_baseline, textbook_vgg
-from common import engine_settings, load_engine_weights, load_images, load_pair, machine_header, run_engine, table
+from common import load_engine_weights, load_images, load_pair, machine_header, run_engine, table
 
 from stylize import Progress, Settings
-from stylize.engine import scale_sizes
+from stylize.engine import pick_device
 from stylize.settings import PRESET_NAMES
 
 
@@ -50,14 +50,14 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.presets = ["draft", "standard"]
-    device = common.device_from_args(args.device)
+    device = pick_device(args.device)
     print(machine_header(device))
     print(report(device, args.presets, args.baseline_steps))
 
 
 def report(device: torch.device, presets: list[str], baseline_steps: int) -> str:
     kind = "cpu" if device.type == "cpu" else "gpu"
-    weights_seconds = load_engine_weights(engine_settings(device), device)
+    weights_seconds = load_engine_weights(device)
     content, style = load_images()
     common.warm_up(device)
     net = textbook_vgg(device)
@@ -70,9 +70,8 @@ def report(device: torch.device, presets: list[str], baseline_steps: int) -> str
         ui_consumer(run.records[0])
         shown = run.first_preview + time.perf_counter() - started
         first, total = baseline_estimate(net, settings.size, settings.steps, device, baseline_steps)
-        scales = len(scale_sizes(content.size, settings.size)[-settings.steps:])
-        rows.append([name, settings.size, settings.steps, scales, len(run.records), run.first_preview, shown,
-                     run.final, first, total, f"{total / run.final:.1f}x"])
+        rows.append([name, settings.size, settings.steps, run.records[-1].scales, len(run.records),
+                     run.first_preview, shown, run.final, first, total, f"{total / run.final:.1f}x"])
         if name == "standard":
             standard_ui = (run.final, run_engine(content, style, settings, device, consumer=ui_consumer))
     out = (f"\nPresets on {kind} (weights load, cold: {weights_seconds:.2f} s, not counted below)\n"

@@ -27,12 +27,20 @@ from pathlib import Path
 import common
 import torch
 from baseline import BaselineLoss, run_baseline, textbook_vgg
-from common import EngineRun, engine_settings, load_images, load_pair, machine_header, run_engine, table, warm_up
+from common import (
+    EngineRun,
+    engine_settings,
+    engine_vgg,
+    load_images,
+    load_pair,
+    run_engine,
+    start,
+    table,
+)
 
 from stylize import Settings, engine, losses
-from stylize.engine import CONTENT_BASE, TV_BASE, scale_sizes, split_steps
+from stylize.engine import CONTENT_BASE, TV_BASE, scale_sizes, split_steps, work_done
 from stylize.images import resize
-from stylize.vgg import VGGFeatures, resolve_weights
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 Point = tuple[int, float, float, float, float]  # step, work, wall s, CPU s, loss
@@ -53,7 +61,7 @@ class Result:
 
 def check_same_objective(net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor) -> float:
     """Relative difference between the baseline's loss and the engine's, on one image (should be ~1e-7)."""
-    vgg = VGGFeatures(("relu4_2", *common.STYLE_LAYERS), resolve_weights("untrained")).to(content.device)
+    vgg = engine_vgg(content.device)
     image = (0.7 * content + 0.3 * torch.rand_like(content, device="cpu").to(content.device)).clamp(0, 1)
     with torch.no_grad():
         f = vgg(image)
@@ -97,10 +105,9 @@ def score_engine(name: str, run: EngineRun, settings: Settings, image_size: tupl
                  loss: BaselineLoss, full: tuple[int, int], bar: float) -> tuple[Result, list[Point]]:
     """Score every Progress image; call inside the same engine constants as the run (scales depend on them)."""
     sizes = scale_sizes(image_size, settings.size)[-settings.steps:]
-    work = [0.0]
-    for (w, h), count in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True):
-        work += [work[-1] + w * h / (full[0] * full[1]) * (i + 1) for i in range(count)]
-    points = [(p.step, work[p.step], t, c, loss.value(resize(p.pixels, full)))
+    # In full-size step equivalents: a step at a scale costs that scale's pixels over the full size's.
+    work = [pixels / (full[0] * full[1]) for pixels in work_done(sizes, split_steps(settings.steps, len(sizes)))]
+    points = [(p.step, work[p.step - 1], t, c, loss.value(resize(p.pixels, full)))
               for p, t, c in zip(run.records, run.times, run.cpu_times, strict=True)]
     return first_at_bar(name, points, bar), points
 
@@ -110,7 +117,6 @@ def measure(device: torch.device, size: int, baseline_steps: int, variants: list
     content_image, style_image = load_images()
     content, style = load_pair(size, device)
     net = textbook_vgg(device)
-    warm_up(device)
     print(f"objective check: baseline vs engine loss, relative difference "
           f"{check_same_objective(net, content, style):.1e}", flush=True)
 
@@ -212,12 +218,9 @@ def main() -> None:
                         "(for comparing engine variants; ratios then cross processes)")
     p.add_argument("--every", type=int, default=3, help="score every N-th baseline iterate")
     p.add_argument("--curve", action="store_true", help="print each engine run's loss along the run")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    args, device = start(p)
     if args.quick:
         args.size, args.baseline_steps = 256, 100
-    device = common.device_from_args(args.device)
-    print(machine_header(device))
     results, bar = measure(device, args.size, args.baseline_steps, args.engine, reuse=args.reuse,
                            curve=args.curve, every=args.every)
     print(report(results, bar, args.size, args.baseline_steps))

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import common
 import memory
 import presets
 import quality
 import step_time
-from common import machine_header, warm_up
+from common import machine_header, start
 
 SECTIONS = ("steps", "quality", "presets", "memory")
 
@@ -23,11 +22,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer steps: checks the bench works")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
-    device = common.device_from_args(args.device)
-    print(machine_header(device), "quick" if args.quick else "full", flush=True)
-    warm_up(device)
+    args, device = start(p)
+    print("quick" if args.quick else "full", flush=True)
     q = args.quick
     runs = {
         "steps": lambda: step_time.report(device, [256, 512], 4 if q else 8, 2 if q else 3),

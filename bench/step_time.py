@@ -18,24 +18,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import common
 import torch
 from baseline import BaselineLoss, run_baseline, textbook_vgg
 from common import (
     engine_settings,
-    load_engine_weights,
+    engine_vgg,
     load_images,
     load_pair,
-    machine_header,
     run_engine,
+    start,
     sync,
     table,
-    warm_up,
 )
 
 from stylize import engine
 from stylize.engine import cpu_budget
-from stylize.vgg import VGGFeatures, resolve_weights
 
 
 @contextmanager
@@ -75,10 +72,7 @@ def engine_seconds(size: int, steps: int, device: torch.device) -> float:
 
 
 def measure(device: torch.device, sizes: list[int], steps: int, rounds: int) -> list[list[object]]:
-    settings = engine_settings(device)
-    layers = tuple(dict.fromkeys((settings.content_layer, *settings.style_layers)))
-    load_engine_weights(settings, device)
-    vgg = engine.feature_extractor(layers, settings.weights, str(device))
+    vgg = engine_vgg(device)
     net = textbook_vgg(device)
     rows = []
     for size in sizes:
@@ -96,7 +90,7 @@ def measure(device: torch.device, sizes: list[int], steps: int, rounds: int) -> 
 
 
 def thread_rows(device: torch.device, size: int, passes: int) -> list[list[object]]:
-    vgg = VGGFeatures(("relu4_2", *common.STYLE_LAYERS), resolve_weights("untrained")).to(device)
+    vgg = engine_vgg(device)
     content, _ = load_pair(size, device)
     budget = cpu_budget()
     counts = sorted({1, budget, 2 * budget})
@@ -165,13 +159,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
     p.add_argument("--profile", action="store_true", help="also profile engine steps at the largest size")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    args, device = start(p)
     if args.quick:
         args.steps, args.rounds = 4, 2
-    device = common.device_from_args(args.device)
-    print(machine_header(device))
-    warm_up(device)
     print(report(device, args.sizes, args.steps, args.rounds))
     if args.profile:
         print(profile(device, max(args.sizes), args.steps))

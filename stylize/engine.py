@@ -143,6 +143,12 @@ def split_steps(total: int, scales: int) -> list[int]:
     return counts
 
 
+def work_done(sizes: list[tuple[int, int]], steps_per_scale: list[int]) -> list[int]:
+    """Work done after each step, a step costing its scale's pixel count: what VGG19's time grows with."""
+    return list(itertools.accumulate(w * h for (w, h), count in zip(sizes, steps_per_scale, strict=True)
+                                     for _ in range(count)))
+
+
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
              mask: Image.Image | None = None, init_image: Image.Image | None = None) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
@@ -172,13 +178,10 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
 def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[float], mask: Image.Image | None,
               init_image: Image.Image | None, settings: Settings, sizes: list[tuple[int, int]],
               device: torch.device, weights: Weights) -> Iterator[Progress]:
-    vgg = feature_extractor(tuple(dict.fromkeys((settings.content_layer, *settings.style_layers))),
-                            settings.weights, str(device))
+    vgg = feature_extractor(settings.layers, settings.weights, str(device))
     steps_per_scale = split_steps(settings.steps, len(sizes))
     full = sizes[-1]
-    # Work done after each step, a step costing its scale's pixel count: what VGG19's time grows with.
-    work = list(itertools.accumulate(w * h for (w, h), count in zip(sizes, steps_per_scale, strict=True)
-                                     for _ in range(count)))
+    work = work_done(sizes, steps_per_scale)
 
     photo = images.to_tensor(content, full).to(device)
     style_side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))

@@ -101,6 +101,11 @@ class Settings:
             if layer not in LAYER_NAMES:
                 raise SettingsError(f"{layer!r} is not a VGG19 layer; use names like relu4_2.")
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The VGG19 layers in use: the content layer, then the style layers."""
+        return tuple(dict.fromkeys((self.content_layer, *self.style_layers)))
+
     @classmethod
     def from_preset(cls, preset: str, device_kind: str, **overrides: Any) -> Settings:
         """Settings for a quality preset on a "cpu" or "gpu" device, then `overrides`."""

@@ -169,10 +169,9 @@ def stylize(content: str | None, style: str | None, preset: str, size: float, st
             preset, device_kind(), size=size, style_strength=style_strength, content_strength=content_strength,
             preserve_colors=preserve_colors, style_scale=style_scale, style_weights=_numbers(style_weights),
             optimizer=optimizer, seed=seed, smoothing=smoothing)
-        photo = load_image(_uploaded(content, "photo"), "photo")
-        styles = [load_image(_uploaded(style, "style artwork"), "style artwork")] + [
-            load_image(_uploaded(path, f"extra style image {i}"), f"extra style image {i}")
-            for i, (path, _) in enumerate(extra_styles or [], start=1)]
+        photo = _opened(content, "photo")
+        styles = [_opened(style, "style artwork")] + [
+            _opened(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles or [], start=1)]
         with closing(_run(photo, styles, settings, _painted_region(mask))) as frames:
             for picture, line in frames:
                 if isinstance(picture, Image.Image):
@@ -272,12 +271,13 @@ def _numbers(text: str | None) -> tuple[float, ...]:
                             f"got {text!r}.") from None
 
 
-def _uploaded(path: str, what: str) -> str:
-    """`path`, if the upload is still on the server: a page left open past the cache cleanup sends a stale one."""
+def _opened(path: str, what: str) -> Image.Image:
+    """An uploaded image, checked by `load_image`; a page left open past the cache cleanup sends a path that is
+    gone, and its user is told to upload again rather than that a file with a random name does not exist."""
     if not Path(path).is_file():
         raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
                          "Upload it again.")
-    return path
+    return load_image(path, what)
 
 
 def _busy() -> tuple:
@@ -310,7 +310,7 @@ def _painting(editor: gr.ImageEditor) -> gr.ImageEditor:
             try:
                 for file in files:
                     if file is not None and file.path:
-                        load_image(_uploaded(file.path, "painted region"), "painted region")
+                        _opened(file.path, "painted region")
             except ImageError as error:
                 raise gr.Error(str(error)) from None
         return decode(payload)

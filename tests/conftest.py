@@ -1,6 +1,7 @@
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def style_image() -> Image.Image:
 def style_distance(a: Image.Image, b: Image.Image) -> float:
     """Summed relative Gram error between two images under the engine's (untrained) VGG19."""
     s = Settings()
-    vgg = feature_extractor(tuple(dict.fromkeys((s.content_layer, *s.style_layers))), "untrained", "cpu")
+    vgg = feature_extractor(s.layers, "untrained", "cpu")
     with torch.no_grad():
         fa, fb = vgg(to_tensor(a)), vgg(to_tensor(b.resize(a.size)))
     return sum(relative_error(gram(fa[n]), gram(fb[n])).item() for n in s.style_layers)
@@ -106,3 +107,11 @@ def engine_runs(monkeypatch):
 
     monkeypatch.setattr(stylize.ui, "transfer", watched)
     return runs
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Poll `condition` (a server's state seen from outside has no event to wait on) until true or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -68,7 +68,7 @@ def test_stream_yields_previews_then_one_final_image_at_the_requested_size():
 
 def test_closing_the_generator_stops_the_work(content_image, style_image):
     s = Settings(size=128, steps=2000)
-    vgg = feature_extractor(tuple(dict.fromkeys((s.content_layer, *s.style_layers))), "untrained", "cpu")
+    vgg = feature_extractor(s.layers, "untrained", "cpu")
     calls = []
     hook = vgg.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -100,7 +100,7 @@ def test_constant_colour_images_give_finite_losses(optimizer, init):
 def test_losses_mean_the_same_at_every_resolution_and_feature_scale():
     content, style = photo(256, 192), artwork(256, 256)
     s = Settings()
-    vgg = feature_extractor(tuple(dict.fromkeys((s.content_layer, *s.style_layers))), "untrained", "cpu")
+    vgg = feature_extractor(s.layers, "untrained", "cpu")
 
     def style_error(size: int, gain: float) -> float:
         with torch.no_grad():

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import artwork, live_app, photo
+from conftest import artwork, live_app, photo, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError, Status
@@ -318,13 +317,6 @@ def test_a_size_too_small_for_the_photos_shape(client, good, folder):
 
 
 # --- many users -----------------------------------------------------------------------------------
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 220), (230, 210, 40), (200, 60, 210)]
 

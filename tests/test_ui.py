@@ -2,13 +2,12 @@
 
 import json
 import stat
-import time
 import urllib.request
 
 import httpx
 import numpy as np
 import pytest
-from conftest import live_app
+from conftest import live_app, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -82,7 +81,7 @@ def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, eng
     endless = client.submit(content=photo, style=art, preset="fine", api_name="/stylize")
     next(iter(endless))  # it is running
     waiting = client.submit(content=photo, style=art, preset="draft", api_name="/stylize")
-    _wait_for(lambda: waiting.status().code == Status.IN_QUEUE)
+    wait_until(lambda: waiting.status().code == Status.IN_QUEUE, what="the second job to queue")
     assert waiting.status().rank == 0  # first in line, and told so
 
     assert endless.cancel()
@@ -181,10 +180,3 @@ def test_without_node_the_app_renders_in_the_browser(monkeypatch, tmp_path):
     monkeypatch.delenv("GRADIO_NODE_PATH", raising=False)
     assert ssr_available() is False
     assert launch_options()["ssr_mode"] is False
-
-
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
