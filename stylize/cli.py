@@ -20,7 +20,7 @@ FLAGS = {
     "size": "size", "steps": "steps", "style_strength": "style_strength",
     "content_strength": "content_strength", "tv": "smoothing", "style_scale": "style_scale",
     "style_weights": "style_weights", "preserve_colors": "preserve_colors", "optimizer": "optimizer",
-    "seed": "seed", "weights": "weights", "device": "device",
+    "seed": "seed", "weights": "weights", "device": "device", "precision": "precision", "tile_size": "tile_size",
 }
 
 

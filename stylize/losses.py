@@ -1,64 +1,177 @@
-"""Content, style (Gram) and total-variation losses.
+"""The objective: content, style and total-variation losses, and their balance for each kind of weights.
 
-Each layer's loss is a relative error (squared error divided by the target's
-squared size), so a weight means the same at any resolution and with
-pretrained, Caffe or untrained features, whose activations differ in scale.
+With torchvision's ImageNet VGG19 the objective is the published one of the reference implementation
+style-transfer-pytorch, which was tuned with exactly those weights:
+- content: mean squared error between the output's and the photo's relu4_2 activations;
+- style: at each style layer, the squared 2-Wasserstein distance between Gaussians fitted to the output's
+  and the style's activations (per-channel mean and covariance over positions), layers weighted 256:64:16:4:1;
+- total variation: mean of dx² + dy² with forward differences (zero at the last row and column);
+- total = 0.015·content + style + 2·tv.
+All statistics are computed in float32 (features from a reduced-precision network are cast up first).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-EPS = 1e-8
+
+@dataclass(frozen=True)
+class Balance:
+    """What strength 1 means for one kind of weights: the weight of each term, and of each style layer."""
+
+    content: float
+    style_layers: dict[str, float]  # sums to 1
+    tv: float
+
+
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {name: weight / total for name, weight in weights.items()}
+
+
+REFERENCE = Balance(content=0.015, tv=2.0, style_layers=_normalised(
+    {"relu1_1": 256, "relu2_1": 64, "relu3_1": 16, "relu4_1": 4, "relu5_1": 1}))
+BALANCES = {
+    "imagenet": REFERENCE,
+    # vgg.py puts a Caffe-converted network's activations on torchvision's scale, so the reference balance holds.
+    "caffe": REFERENCE,
+    # Untrained features: tuned here by looking (bench/contact_sheet.py and bench/README.md) for the most texture
+    # that keeps the photo readable. Their activations, and so the style and content terms, are some hundred
+    # times smaller than trained ones, while total variation is measured on the picture itself.
+    "untrained": Balance(content=4.0, tv=0.02, style_layers=REFERENCE.style_layers),
+}
 
 
 class _SymmetricProduct(torch.autograd.Function):
-    """F·diag(w)·Fᵀ for (N, C, P) features F and (N, 1, P) position weights w (or none).
+    """A·Aᵀ for a (C, n) matrix A. The product is symmetric, so its gradient is (dG + dGᵀ)·A: one matrix
+    product where autograd's generic rule for A·B takes two. Those products are most of a step's cost
+    outside VGG19 itself (bench/README.md)."""
 
-    The product is symmetric, so its gradient is (dG + dGᵀ)·F·diag(w): one matrix product,
-    where autograd's generic rule for A·B takes two. The Gram matrices are most of a step's
-    cost outside VGG19 itself (bench/README.md).
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return a @ a.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return (grad + grad.T) @ a
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """A·Aᵀ of a (C, n) matrix."""
+    return _SymmetricProduct.apply(a)
+
+
+class _TraceSqrt(torch.autograd.Function):
+    """tr(M^½) of a symmetric positive semi-definite matrix M, from its eigenvalues.
+
+    The eigendecomposition runs in float64: the square root of an eigenvalue near zero magnifies round-off, and
+    the many small eigenvalues of a float32 M, taken in float32, put the loss 0.1-0.5% off (bench/README.md).
+    Eigenvalues below float64's round-off (relative to the largest) count as zero. The gradient is ½·M^-½ on the
+    rest and zero on the null space, where the square root has no derivative (a pseudo-inverse).
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(flat, weights)
-        return (flat if weights is None else flat * weights) @ flat.transpose(1, 2)
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(m.double())
+        kept = values > values[-1].clamp_min(0) * m.shape[-1] * torch.finfo(torch.float64).eps
+        roots = torch.where(kept, values, 0).sqrt()
+        ctx.save_for_backward(vectors, torch.where(kept, 0.5 / roots, 0))
+        return roots.sum().to(m.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        flat, weights = ctx.saved_tensors
-        grad_flat = (grad + grad.transpose(1, 2)) @ flat
-        return (grad_flat if weights is None else grad_flat * weights), None
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        vectors, half_inverse_roots = ctx.saved_tensors
+        return grad * ((vectors * half_inverse_roots) @ vectors.T).to(grad.dtype)
 
 
-def gram(features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Channel correlations averaged over positions (weighted by `mask`, if given): (N, C, C)."""
-    flat = features.flatten(2)
+def sqrtm(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix (in float64, as above)."""
+    values, vectors = torch.linalg.eigh(m.double())
+    return ((vectors * values.clamp_min(0).sqrt()) @ vectors.T).to(m.dtype)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Per-channel mean (C,) and covariance (C, C) of a layer's activations over positions."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
+def _centred(features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of (1, C, H, W) features over positions (weighted by a (1, 1, H, W) mask), and the features
+    centred and scaled so that the covariance is their product with themselves: (C,), (C, n)."""
+    flat = _at_least_float32(features[0].flatten(1))
     if mask is None:
-        return _SymmetricProduct.apply(flat, None) / flat.shape[2]
-    weights = mask.flatten(2)
-    return _SymmetricProduct.apply(flat, weights) / (weights.sum() + EPS)
+        mean = flat.mean(1)
+        return mean, (flat - mean[:, None]) / flat.shape[1] ** 0.5
+    share = mask.flatten().to(flat.dtype)
+    share = share / share.sum().clamp_min(1e-12)
+    mean = flat @ share
+    return mean, (flat - mean[:, None]) * share.sqrt()
 
 
-def relative_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (value - target).square().mean() / (target.square().mean() + EPS)
+def gaussian(features: torch.Tensor, mask: torch.Tensor | None = None) -> Gaussian:
+    mean, centred = _centred(features, mask)
+    return Gaussian(mean, gram(centred))
+
+
+def mixture(parts: list[Gaussian], shares: list[float]) -> Gaussian:
+    """The mean and covariance of a mixture: how several style images blend by weight."""
+    total = sum(shares)
+    mean = sum(share / total * part.mean for part, share in zip(parts, shares, strict=True))
+    cov = sum(share / total * (part.cov + torch.outer(part.mean - mean, part.mean - mean))
+              for part, share in zip(parts, shares, strict=True))
+    return Gaussian(mean, cov)
+
+
+@dataclass(frozen=True)
+class StyleTarget:
+    """A style Gaussian with what the loss needs of it, computed once per scale."""
+
+    mean: torch.Tensor
+    cov_sqrt: torch.Tensor
+    cov_trace: torch.Tensor
+
+    @classmethod
+    def of(cls, target: Gaussian) -> StyleTarget:
+        return cls(target.mean, sqrtm(target.cov), target.cov.trace())
+
+
+def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared 2-Wasserstein distance between the Gaussians of `features` and of the style:
+    mean_c((μ - μₛ)²) + tr(Σ + Σₛ - 2(Σₛ^½ Σ Σₛ^½)^½) / C.
+
+    With Σ = X·Xᵀ for the centred features X (C, n), the square root's trace is that of (Aᵀ·A)^½ for
+    A = Σₛ^½·X, so it is taken on the smaller of the C×C and n×n matrices: deep layers at small scales
+    have far fewer positions than channels.
+    """
+    mean, centred = _centred(features, mask)
+    channels, positions = centred.shape
+    if positions >= channels:
+        inner = target.cov_sqrt @ gram(centred) @ target.cov_sqrt
+    else:
+        inner = gram((target.cov_sqrt @ centred).T)
+    cov_term = centred.square().sum() + target.cov_trace - 2 * _TraceSqrt.apply(inner)
+    return (mean - target.mean).square().mean() + cov_term / channels
 
 
 def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return relative_error(features, target)
+    """Mean squared error over channels and positions."""
+    return (_at_least_float32(features) - _at_least_float32(target)).square().mean()
 
 
-def style_loss(features: dict[str, torch.Tensor], target_grams: dict[str, torch.Tensor],
-               layer_weights: dict[str, float], masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Weighted mean over layers of the relative Gram error."""
-    total = sum(layer_weights.values())
-    return sum(weight / total * relative_error(gram(features[name], masks and masks[name]), target_grams[name])
-               for name, weight in layer_weights.items())
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Statistics in float32 (or float64 where given): bfloat16 and float16 lack the digits."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def tv_loss(image: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference between neighbouring pixels."""
-    dx = image[..., :, 1:] - image[..., :, :-1]
-    dy = image[..., 1:, :] - image[..., :-1, :]
-    return dx.square().mean() + dy.square().mean()
+    """Mean over channels and pixels of dx² + dy², forward differences (zero at the last row and column)."""
+    dx = torch.nn.functional.pad(image[..., :, 1:] - image[..., :, :-1], (0, 1, 0, 0))
+    dy = torch.nn.functional.pad(image[..., 1:, :] - image[..., :-1, :], (0, 0, 0, 1))
+    return (dx.square() + dy.square()).mean()

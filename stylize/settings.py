@@ -20,6 +20,7 @@ PRESERVE_COLORS = ("off", "luminance", "histogram")
 INITS = ("content", "noise")
 OPTIMIZERS = ("lbfgs", "adam")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Output size and step count per quality preset, for the kind of device that
 # runs it. On a 2-core CPU "standard" takes about a minute (see bench/README.md).
@@ -36,6 +37,7 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 PRESET_NAMES = ("draft", "standard", "fine")
+MIN_TILE_SIZE = 256  # smaller tiles would be mostly the overlap they share with their neighbours
 
 
 class SettingsError(ValueError):
@@ -52,7 +54,7 @@ def _knob(default: Any, *, low: float | None = None, high: float | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    size: int = _knob(512, low=64, high=2048, label="Output size (px)",
+    size: int = _knob(512, low=64, high=8192, label="Output size (px)",
                       help="Long side of the output image in pixels.")
     steps: int = _knob(250, low=1, high=5000, label="Steps",
                        help="Optimization steps, summed over all scales.")
@@ -79,22 +81,30 @@ class Settings:
     content_layer: str = _knob("relu4_2", label="Content layer",
                                help="VGG19 layer whose activations describe content.")
     style_layers: tuple[str, ...] = _knob(STYLE_LAYERS, label="Style layers",
-                                          help="VGG19 layers whose Gram matrices describe style.")
-    style_layer_weights: tuple[float, ...] = _knob((1.0,) * 5, low=0.0, high=100.0,
-                                                   label="Style layer weights",
-                                                   help="One weight per style layer.")
+                                          help="VGG19 layers whose activation statistics describe style.")
+    style_layer_weights: tuple[float, ...] = _knob((), low=0.0, high=1000.0, label="Style layer weights",
+                                                   help="One weight per style layer (empty: the balance of "
+                                                        "the VGG19 weights in use, see losses.BALANCES).")
     weights: str = _knob("auto", label="VGG19 weights",
                          help="auto (cache, then download), untrained, or a path to a weights file.")
     device: str = _knob("auto", choices=DEVICES, label="Device",
                         help="auto picks CUDA, then Apple MPS, then the CPU.")
+    precision: str = _knob("auto", choices=PRECISIONS, label="Precision",
+                           help="Number format of the VGG19 network: auto picks bf16 where the CPU or GPU runs it "
+                                "natively, fp16 on other GPUs, else fp32. Statistics, optimizer and image stay fp32.")
+    tile_size: int = _knob(-1, low=-1, high=8192, label="Tile size (px)",
+                           help="Optimize the largest scales in tiles of this many px: -1 only where the whole "
+                                "picture would not fit in memory, 0 never.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = _checked(f.name, f.type, getattr(self, f.name), f.metadata)
             object.__setattr__(self, f.name, value)
-        if len(self.style_layer_weights) != len(self.style_layers):
+        if self.style_layer_weights and len(self.style_layer_weights) != len(self.style_layers):
             raise SettingsError(f"style_layer_weights needs one weight per style layer "
                                 f"({len(self.style_layers)}), got {len(self.style_layer_weights)}.")
+        if 0 < self.tile_size < MIN_TILE_SIZE:
+            raise SettingsError(f"tile_size must be -1, 0 or at least {MIN_TILE_SIZE}; got {self.tile_size}.")
         if not self.style_layers:
             raise SettingsError("style_layers must name at least one layer.")
         for layer in (self.content_layer, *self.style_layers):

@@ -23,10 +23,22 @@ LAYER_NAMES = tuple(
     for name in [n for i in range(1, depth + 1) for n in (f"conv{block}_{i}", f"relu{block}_{i}")]
     + [f"pool{block}"]
 )
+
+
+def stride(layer: str) -> int:
+    """Pixels per position of a layer's activations: 2 for each pooling before it."""
+    return 2 ** sum(name.startswith("pool") for name in LAYER_NAMES[:LAYER_NAMES.index(layer)])
+
+
 DOWNLOAD_URL = VGG19_Weights.IMAGENET1K_V1.url
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# A Caffe-converted VGG19 sees pixels in 0-255 where torchvision's sees (x - mean) / std, about 1 / 0.226 per unit:
+# its activations run about 255 * 0.226 times larger (a ReLU network's activations grow with its input), and
+# dividing them by that puts them on the scale the reference balance was tuned at (losses.BALANCES).
+CAFFE_FEATURE_SCALE = 255 * sum(IMAGENET_STD) / 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNTRAINED_NOTE = ("Running on untrained VGG19 features: pretrained weights could not be loaded, so "
                   "results only transfer colour and rough texture. Connect to the internet once "
                   "(weights download automatically) or set STYLIZE_WEIGHTS to a VGG19 weights file.")
@@ -90,9 +102,14 @@ def _features_only(state: object, source: str) -> dict[str, torch.Tensor]:
 
 
 class VGGFeatures(nn.Module):
-    """VGG19 `features` up to the deepest requested layer; returns those layers' activations."""
+    """VGG19 `features` up to the deepest requested layer; returns those layers' activations in float32.
 
-    def __init__(self, layers: tuple[str, ...], weights: Weights):
+    The network itself runs in `precision` ("fp32", "bf16" or "fp16"), in channels-last memory format where
+    `channels_last` (what oneDNN's and cuDNN's fastest convolutions take); the activations it returns are cast
+    back to float32, so only the network runs in reduced precision.
+    """
+
+    def __init__(self, layers: tuple[str, ...], weights: Weights, precision: str = "fp32", channels_last: bool = True):
         super().__init__()
         self.layers = layers
         self.kind = weights.kind
@@ -106,14 +123,24 @@ class VGGFeatures(nn.Module):
             if missing:
                 raise WeightsError(f"The VGG19 weights lack {', '.join(missing[:3])}.")
             net.load_state_dict({k: weights.state_dict[k] for k in wanted})
+        net[0].padding_mode = "replicate"  # as the reference does: fewer edge artefacts than zero padding
         for i, layer in enumerate(net):
             if isinstance(layer, nn.ReLU) and LAYER_NAMES[i - 1] in layers:
                 layer.inplace = False  # an in-place ReLU would overwrite a requested conv output
-        self.net = net.eval().requires_grad_(False)
         if weights.kind == "caffe":
             mean, scale = torch.tensor(CAFFE_MEAN_BGR) / 255, torch.full((3,), 1 / 255)
+            # Every activation divided by CAFFE_FEATURE_SCALE, exactly: ReLU and max-pooling commute with a
+            # positive scale, so dividing the first convolution's weights and every bias is enough.
+            with torch.no_grad():
+                net[0].weight /= CAFFE_FEATURE_SCALE
+                for layer in net:
+                    if isinstance(layer, nn.Conv2d):
+                        layer.bias /= CAFFE_FEATURE_SCALE
         else:
             mean, scale = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.dtype = DTYPES[precision]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.eval().requires_grad_(False).to(self.dtype, memory_format=self.memory_format)
         self.register_buffer("mean", mean.view(1, 3, 1, 1))
         self.register_buffer("scale", scale.view(1, 3, 1, 1))
         self.indices = {LAYER_NAMES.index(name): name for name in layers}
@@ -122,16 +149,17 @@ class VGGFeatures(nn.Module):
         """`image`: (N, 3, H, W) RGB in [0, 1]."""
         if self.kind == "caffe":
             image = image.flip(1)  # RGB -> BGR
-        x = (image - self.mean) / self.scale
+        x = ((image - self.mean) / self.scale).to(self.dtype, memory_format=self.memory_format)
         out = {}
         for i, layer in enumerate(self.net):
             x = layer(x)
             if i in self.indices:
-                out[self.indices[i]] = x
+                out[self.indices[i]] = x.float()
         return out
 
 
 @functools.lru_cache(maxsize=2)
-def feature_extractor(layers: tuple[str, ...], weights_spec: str, device: str) -> VGGFeatures:
+def feature_extractor(layers: tuple[str, ...], weights_spec: str, device: str, precision: str = "fp32") -> VGGFeatures:
     """A cached extractor: building VGG19 and moving it to the device is done once per process."""
-    return VGGFeatures(layers, resolve_weights(weights_spec)).to(device)
+    channels_last = torch.device(device).type != "mps"  # MPS convolutions do not gain from it
+    return VGGFeatures(layers, resolve_weights(weights_spec), precision, channels_last).to(device)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from stylize import Settings
 from stylize.images import to_tensor
-from stylize.losses import gram, relative_error
+from stylize.losses import StyleTarget, gaussian, style_loss
 from stylize.vgg import feature_extractor
 
 # Tests never touch the network: the engine runs on untrained VGG19 features
@@ -49,12 +49,12 @@ def style_image() -> Image.Image:
 
 
 def style_distance(a: Image.Image, b: Image.Image) -> float:
-    """Summed relative Gram error between two images under the engine's (untrained) VGG19."""
+    """The style loss (summed over the style layers) of image `a` against image `b`, under untrained VGG19."""
     s = Settings()
     vgg = feature_extractor(s.layers, "untrained", "cpu")
     with torch.no_grad():
         fa, fb = vgg(to_tensor(a)), vgg(to_tensor(b.resize(a.size)))
-    return sum(relative_error(gram(fa[n]), gram(fb[n])).item() for n in s.style_layers)
+        return sum(style_loss(fa[n], StyleTarget.of(gaussian(fb[n]))).item() for n in s.style_layers)
 
 
 @contextmanager

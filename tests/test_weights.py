@@ -5,7 +5,7 @@ import torch
 from torchvision.models import vgg19
 
 from stylize import Settings, WeightsError, transfer
-from stylize.vgg import LAYER_NAMES, VGGFeatures, resolve_weights
+from stylize.vgg import CAFFE_FEATURE_SCALE, LAYER_NAMES, VGGFeatures, resolve_weights
 
 LAYERS = ("relu1_1", "relu2_1")
 
@@ -35,8 +35,8 @@ def test_torchvision_state_dict_is_loaded_as_imagenet(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = torch.relu(torch.nn.functional.conv2d((x - mean) / std, state["features.0.weight"],
-                                                     state["features.0.bias"], padding=1))
+    expected = torch.relu(torch.nn.functional.conv2d(replicated((x - mean) / std), state["features.0.weight"],
+                                                     state["features.0.bias"]))
     assert torch.allclose(extractor(x)["relu1_1"], expected, atol=1e-5)
 
 
@@ -51,9 +51,20 @@ def test_caffe_state_dict_is_detected_by_its_keys_and_gets_bgr_0_255_input(tmp_p
     extractor = VGGFeatures(LAYERS, weights)
     x = torch.rand(1, 3, 32, 32)
     bgr = x.flip(1) * 255 - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
-    expected = torch.relu(torch.nn.functional.conv2d(bgr, state["features.0.weight"],
-                                                     state["features.0.bias"], padding=1))
-    assert torch.allclose(extractor(x)["relu1_1"], expected, rtol=1e-4, atol=1e-3)
+    # The network as converted, fed as Caffe feeds it...
+    net = vgg19().features[:7]
+    net[0] = torch.nn.Conv2d(3, 64, 3, padding=1, padding_mode="replicate")
+    net.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if int(k.split(".")[1]) < 7})
+    with torch.no_grad():
+        as_caffe = {"relu1_1": net[:2](bgr), "relu2_1": net(bgr)}
+    # ...gives our activations times the factor between its input scale and torchvision's, at every layer.
+    for name in LAYERS:
+        assert torch.allclose(extractor(x)[name] * CAFFE_FEATURE_SCALE, as_caffe[name], rtol=1e-4, atol=1e-2)
+
+
+def replicated(x: torch.Tensor) -> torch.Tensor:
+    """`x` padded by one pixel, repeating the edge: the reference network's first convolution pads this way."""
+    return torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
 
 
 def test_a_weights_file_lacking_needed_layers_is_refused(tmp_path):
