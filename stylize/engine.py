@@ -149,6 +149,12 @@ def work_done(sizes: list[tuple[int, int]], steps_per_scale: list[int]) -> list[
                                      for _ in range(count)))
 
 
+def job_work(content_size: tuple[int, int], settings: Settings) -> int:
+    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts."""
+    sizes = scale_sizes(content_size, settings.size)[-settings.steps:]
+    return work_done(sizes, split_steps(settings.steps, len(sizes)))[-1]
+
+
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
              mask: Image.Image | None = None, init_image: Image.Image | None = None) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
@@ -299,8 +305,9 @@ class _Objective:
 
 
 def result_metadata(settings: Settings, progress: Progress) -> dict[str, str]:
-    """PNG text chunks that record how a result was made, the weights' label included."""
-    meta = {"Software": "stylize", "stylize:settings": settings.with_weights_from_env().to_json(),
+    """PNG text chunks that record how a result was made: the settings as given (a weights file named only in the
+    server's environment stays out of pictures shown to strangers) and the kind of weights used."""
+    meta = {"Software": "stylize", "stylize:settings": settings.to_json(),
             "stylize:weights": progress.weights}
     if progress.note:
         meta["stylize:warning"] = progress.note
