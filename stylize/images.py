@@ -44,10 +44,10 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "ima
     so that a large upload holds its full-size pixels only for a moment.
     """
     if isinstance(source, Image.Image):
-        image = _checked_size(_to_rgb(source), what)
+        image = _to_rgb(_checked_shape(source, what))
     else:
         with _opened(source, what) as opened:
-            image = _checked_size(_to_rgb(_decoded(opened, what)), what)
+            image = _to_rgb(_decoded(opened, what))
     if max_side is not None and max(image.size) > max_side:
         image = image.resize(fit(image.size, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return image
@@ -98,6 +98,7 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
         if width * height > MAX_PIXELS:
             raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
                              f"{MAX_PIXELS / 1e6:.0f} megapixels. Upload a smaller image.")
+        _checked_shape(image, what)
         if image.format in ("JPEG", "MPO"):
             _check_jpeg(contents(), image.size, what)
     except ImageError:
@@ -163,7 +164,7 @@ def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
         raise _truncated(what)
 
 
-def _checked_size(image: Image.Image, what: str) -> Image.Image:
+def _checked_shape(image: Image.Image, what: str) -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"The {what} is only {width}x{height} pixels; use one at least "
