@@ -137,6 +137,7 @@ class Guard:
             return await self._upload(scope, receive, send)
         body = await _body(receive, MAX_REQUEST_BYTES)
         if body is None:
+            await _drain(receive)
             return await _refuse(scope, receive, send, 413, "The request is too large.")
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
             return await self._join(scope, _replay(body, receive), send, _session(body))
@@ -161,10 +162,12 @@ class Guard:
         client = client_of(_peer(scope), headers, None)
         length = headers.get("content-length", "")
         if not length.isdigit():
+            await _drain(receive)
             return await _refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
         stored = self._stored(client)
         if stored + int(length) > CLIENT_STORAGE:
-            return await _refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.0f} MB in the last "
+            await _drain(receive)
+            return await _refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
                                  f"{_about(KEEP_SECONDS)}, the most one visitor may store; try again later.")
         response = _HeldResponse()
         try:
@@ -224,6 +227,18 @@ async def _body(receive: Callable, limit: int) -> bytes | None:
             return None
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+async def _drain(receive: Callable, limit: int = 64 * 2**20) -> None:
+    """Read and drop what is left of a refused request's body, up to `limit` bytes: a proxy in front (gradio's
+    own Node server) answers 502 instead of the refusal when the server answers before it has sent the body."""
+    read, more = 0, True
+    while more and read <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        read += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:

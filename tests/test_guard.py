@@ -1,15 +1,18 @@
 """The public server's limits, without a server: a job's cost, who a client is, the sweep of the app's folder."""
 
 import asyncio
+import json
 import os
 import time
+import uuid
 
 import pytest
+from starlette.responses import JSONResponse
 
 from stylize import Settings, SettingsError
 from stylize import guard as guard_module
 from stylize.engine import job_work
-from stylize.guard import JobClock, client_of, sweep, sweeping
+from stylize.guard import Guard, JobClock, client_of, sweep, sweeping
 
 PHOTO = (4000, 3000)
 
@@ -99,3 +102,41 @@ def test_start_up_sweeps_what_an_earlier_process_left(tmp_path, monkeypatch):
         async with sweeping(str(tmp_path))(None):
             return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert asyncio.run(start_and_stop()) == ["recent", "recent/result.png"]
+
+
+def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_path, monkeypatch):
+    """Joins arriving together all find the queue without the client's jobs: the ones still on their way in count."""
+    monkeypatch.setattr(guard_module, "JOBS_PER_CLIENT", 2)
+    registered = asyncio.Event()  # gradio puts a job in line a while after its join arrives
+
+    async def queue(scope, receive, send):
+        await receive()
+        await registered.wait()
+        await JSONResponse({"event_id": "e"})(scope, receive, send)
+
+    async def join(middleware: Guard, client: str, statuses: list) -> None:
+        body = json.dumps({"data": [], "session_hash": uuid.uuid4().hex}).encode()
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "app": None,
+                 "headers": [(b"x-forwarded-for", client.encode())], "client": ("127.0.0.1", 40000)}
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        await middleware(scope, receive, send)
+
+    async def burst() -> tuple[list, list]:
+        middleware = Guard(queue, folder=str(tmp_path), clients_in_line=lambda app: [])
+        mine, other = [], []
+        joins = [asyncio.create_task(join(middleware, "151.101.1.1", mine)) for _ in range(6)]
+        joins.append(asyncio.create_task(join(middleware, "151.101.9.9", other)))
+        while len(mine) < 4:  # the refusals come at once; the admitted wait for the queue
+            await asyncio.sleep(0)
+        registered.set()
+        await asyncio.gather(*joins)
+        return mine, other
+
+    mine, other = asyncio.run(burst())
+    assert sorted(mine) == [200, 200, 429, 429, 429, 429] and other == [200]
