@@ -282,9 +282,10 @@ def _duration(seconds: float) -> str:
 
 def _save(progress: Progress, settings: Settings) -> str:
     """Write the full-size result as a PNG with its settings embedded, where the server serves it from."""
-    folder = Path(gr.utils.get_upload_folder()) / "results"
+    folder = Path(gr.utils.get_upload_folder())
     folder.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=folder)) / "stylized.png"
+    # A new folder of its own, made in one step: the sweep (guard.py) removes folders that stand empty.
+    path = Path(tempfile.mkdtemp(prefix="result-", dir=folder)) / "stylized.png"
     save_png(progress.image(), path, result_metadata(settings, progress))
     return str(path)
 

@@ -630,19 +630,30 @@ def test_configured_byte_and_pixel_limits(configured, good, folder):
     refused(client, good, "is 1200x1000 pixels; the limit is 1 megapixels", content=handle_file(wide))
 
 
-def test_uploads_and_results_are_deleted_after_the_configured_time(configured, good):
+def test_uploads_and_results_are_deleted_after_the_configured_time(configured, good, capsys):
     url, cache = configured
     photo_upload, art_upload = upload(url, good[0]), upload(url, good[1])
     done = browser_run(url, content=photo_upload, style=art_upload)
     assert done["success"]
     files = [Path(photo_upload["path"]), Path(art_upload["path"]), Path(done["output"]["data"][0]["path"])]
     assert all(path.is_relative_to(cache) and path.is_file() for path in files)  # kept while they are needed
+    for _ in range(30):  # uploads that no job uses
+        response = httpx.post(f"{url}gradio_api/upload", timeout=60,
+                              files={"files": ("noise.bin", os.urandom(100_000), "image/png")})
+        assert response.status_code == 200
+    entries = list(cache.rglob("*"))
+    size = sum(path.stat().st_size for path in entries if path.is_file())
 
     wait_until(lambda: not any(p.exists() for p in files), timeout=60, what="the files to be deleted")
     again = browser_run(url, content=photo_upload, style=art_upload)  # a page left open past the cleanup
     assert not again["success"] and "no longer on the server" in again["output"]["error"]
     assert_clean(again["output"]["error"])
     normal_job(Client(url, verbose=False), good)
+    # Gradio deletes the files it made; the sweep the folders it made for them (one per file), so the disk
+    # comes back to where it started.
+    wait_until(lambda: not any(cache.iterdir()), timeout=90, what="the app's folder to be empty")
+    with capsys.disabled():
+        print(f"\napp's folder: {len(entries)} files and folders, {size / 2**20:.1f} MB -> empty")
 
 
 # --- the command line -----------------------------------------------------------------------------
