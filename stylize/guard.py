@@ -14,7 +14,7 @@ import ipaddress
 import json
 import os
 import time
-from collections import defaultdict, deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -127,8 +127,9 @@ class Guard:
         self.app = app
         self.folder = Path(folder).resolve()
         self.clients_in_line = clients_in_line
-        self.joining: defaultdict[str, int] = defaultdict(int)
-        self.uploads: defaultdict[str, deque[tuple[float, int]]] = defaultdict(deque)  # client: (time, bytes)
+        self.joining: Counter[str] = Counter()  # joins on their way into the queue, by client
+        self.uploads: deque[tuple[float, str, int]] = deque()  # (time, client, bytes) within KEEP_SECONDS
+        self.stored: Counter[str] = Counter()  # the bytes of those uploads, by client
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -164,7 +165,8 @@ class Guard:
         if not length.isdigit():
             await _drain(receive)
             return await _refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
-        stored = self._stored(client)
+        self._forget_old_uploads()
+        stored = self.stored[client]
         if stored + int(length) > CLIENT_STORAGE:
             await _drain(receive)
             return await _refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
@@ -181,17 +183,18 @@ class Guard:
             self._delete(files)
             return await _refuse(scope, receive, send, 413, f"Upload at most {MAX_FILES_PER_UPLOAD} files at once.")
         if files:
-            self.uploads[client].append((time.monotonic(), max(int(length), len(files) * MIN_FILE_CHARGE)))
+            charge = max(int(length), len(files) * MIN_FILE_CHARGE)
+            self.uploads.append((time.monotonic(), client, charge))
+            self.stored[client] += charge
         await response.replay(send)
 
-    def _stored(self, client: str) -> int:
-        """Bytes this client uploaded within KEEP_SECONDS: what of theirs may still be on disk."""
-        uploads = self.uploads[client]
-        while uploads and uploads[0][0] < time.monotonic() - KEEP_SECONDS:
-            uploads.popleft()
-        if not uploads:
-            del self.uploads[client]
-        return sum(size for _, size in uploads)
+    def _forget_old_uploads(self) -> None:
+        """Uploads older than KEEP_SECONDS are deleted from disk by now: they no longer count."""
+        while self.uploads and self.uploads[0][0] < time.monotonic() - KEEP_SECONDS:
+            _, client, size = self.uploads.popleft()
+            self.stored[client] -= size
+            if not self.stored[client]:
+                del self.stored[client]
 
     def _delete(self, files: list[str]) -> None:
         for name in files:
