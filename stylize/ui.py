@@ -39,6 +39,7 @@ except ImportError:
 # The app's own folder for uploads, previews and results, which guard.sweeping empties by age: never one that other
 # apps share, as gradio's default is.
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "stylize"))
+
 Control = TypeVar("Control", bound=gr.components.Component)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
