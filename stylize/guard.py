@@ -138,7 +138,6 @@ class Guard:
             return await self._upload(scope, receive, send)
         body = await _body(receive, MAX_REQUEST_BYTES)
         if body is None:
-            await _drain(receive)
             return await _refuse(scope, receive, send, 413, "The request is too large.")
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
             return await self._join(scope, _replay(body, receive), send, _session(body))
@@ -218,18 +217,20 @@ def _session(body: bytes) -> str | None:
 
 
 async def _body(receive: Callable, limit: int) -> bytes | None:
-    """The whole request body, or None once it passes `limit` bytes."""
-    chunks, size, more = [], 0, True
-    while more:
+    """The whole request body, or None when it passes `limit` bytes (the rest is then drained, unkept)."""
+    chunks, size = [], 0
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
+        if not message.get("more_body", False):
+            break
         if size > limit:
-            return None
-        more = message.get("more_body", False)
-    return b"".join(chunks)
+            await _drain(receive)
+            break
+    return b"".join(chunks) if size <= limit else None
 
 
 async def _drain(receive: Callable, limit: int = 64 * 2**20) -> None:

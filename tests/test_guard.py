@@ -140,3 +140,32 @@ def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_p
 
     mine, other = asyncio.run(burst())
     assert sorted(mine) == [200, 200, 429, 429, 429, 429] and other == [200]
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["in one piece", "in pieces"])
+def test_a_request_over_the_size_limit_is_refused_whether_or_not_more_is_coming(tmp_path, chunks):
+    """The body is read up to the limit and what is left drained; nothing waits for a body that has all arrived."""
+    piece = b"x" * (guard_module.MAX_REQUEST_BYTES // chunks + 1)
+    messages = [{"type": "http.request", "body": piece, "more_body": i < chunks - 1} for i in range(chunks)]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # an open connection with nothing more to say
+
+    async def app(scope, receive, send):
+        raise AssertionError("a request over the limit reached the app")
+
+    async def post() -> list:
+        sent = []
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "headers": [], "app": None,
+                 "client": ("127.0.0.1", 40000)}
+
+        async def send(message):
+            sent.append(message)
+        await asyncio.wait_for(Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send),
+                               timeout=30)
+        return sent
+    sent = asyncio.run(post())
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["detail"] == "The request is too large."
+    assert not messages  # all of it read
