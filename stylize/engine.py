@@ -247,6 +247,12 @@ def work_done(scales: list[Scale]) -> list[int]:
     return list(itertools.accumulate(scale.step_cost for scale in scales for _ in range(scale.steps)))
 
 
+def job_work(content_size: tuple[int, int], settings: Settings) -> int:
+    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts."""
+    device = pick_device(settings.device)
+    return work_done(plan(content_size, settings, device, pick_precision(settings.precision, device)))[-1]
+
+
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
              mask: Image.Image | None = None, init_image: Image.Image | None = None) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
@@ -517,9 +523,10 @@ class _Objective:
 
 
 def result_metadata(settings: Settings, progress: Progress) -> dict[str, str]:
-    """PNG text chunks that record how a result was made: the settings as run (the precision that ran, so that
-    a rerun gives the same pixels), and the weights' label."""
-    ran = replace(settings.with_weights_from_env(), precision=progress.precision)
+    """PNG text chunks that record how a result was made: the settings as given, with the precision that ran (so
+    that a rerun gives the same pixels; a weights file named only in the server's environment stays out of
+    pictures shown to strangers), and the kind of weights used."""
+    ran = replace(settings, precision=progress.precision)
     meta = {"Software": "stylize", "stylize:settings": ran.to_json(), "stylize:weights": progress.weights,
             "stylize:precision": progress.precision}
     if progress.note:

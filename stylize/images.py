@@ -8,7 +8,9 @@ message that says what to do.
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,9 @@ MAX_BYTES = int(float(os.environ.get("STYLIZE_MAX_UPLOAD_MB", "20")) * 2**20)
 MAX_PIXELS = int(float(os.environ.get("STYLIZE_MAX_MEGAPIXELS", "40")) * 1_000_000)
 MIN_SIDE = 16
 MAX_ASPECT = 8.0
+# A progressive JPEG has about 10 scans; libjpeg decodes every scan over the whole picture, so a file
+# repeating a scan tens of thousands of times holds the decoder for minutes.
+MAX_SCANS = 100
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
 # Pillow refuses anything larger than this outright, wherever it decodes (gradio included).
@@ -31,17 +36,45 @@ class ImageError(ValueError):
     """An image a user gave cannot be used; the message says why and what to do."""
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "image") -> Image.Image:
-    """Open `source` as an upright 8-bit RGB image, refusing what cannot or should not be decoded."""
+def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "image",
+               max_side: int | None = None) -> Image.Image:
+    """Open `source` as an upright 8-bit RGB image, refusing what cannot or should not be decoded.
+
+    With `max_side`, an image whose long side is longer is shrunk to it as soon as it is decoded,
+    so that a large upload holds its full-size pixels only for a moment.
+    """
     if isinstance(source, Image.Image):
-        return _checked_size(_to_rgb(source), what)
+        image = _to_rgb(_checked_shape(source, what))
+    else:
+        with _opened(source, what) as opened:
+            image = _to_rgb(_decoded(opened, what))
+    if max_side is not None and max(image.size) > max_side:
+        image = image.resize(fit(image.size, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image
+
+
+def image_size(source: str | os.PathLike | bytes, what: str = "image") -> tuple[int, int]:
+    """(width, height) read from the file's header, after every check `load_image` makes before decoding."""
+    with _opened(source, what) as image:
+        return image.size
+
+
+def load_opacity(source: str | os.PathLike | bytes, what: str, size: tuple[int, int]) -> Image.Image:
+    """The opacity of an image (a painted layer) as greyscale of `size`: 255 wherever any paint is, else 0."""
+    with _opened(source, what) as image:
+        alpha = _decoded(image, what).convert("RGBA").getchannel("A")
+    return alpha.point(lambda value: 255 if value else 0).resize(size, Image.Resampling.LANCZOS)
+
+
+def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
+    """The image, opened but not decoded, once its bytes, format and header pass every check."""
     if isinstance(source, bytes):
-        size, opener = len(source), lambda: io.BytesIO(source)
+        size, opener, contents = len(source), lambda: io.BytesIO(source), lambda: source
     else:
         path = Path(source)
         if not path.is_file():
             raise ImageError(f"The {what} file {path.name!r} does not exist.")
-        size, opener = path.stat().st_size, lambda: path
+        size, opener, contents = path.stat().st_size, lambda: path, path.read_bytes
     if size == 0:
         raise ImageError(f"The {what} file is empty. Upload a JPEG, PNG or WebP image.")
     if size > MAX_BYTES:
@@ -55,24 +88,83 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "ima
         if isinstance(error, Image.DecompressionBombError):
             raise ImageError(f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} "
                              "megapixels. Upload a smaller image.") from None
+        _refuse_metadata_bomb(error, what)
         raise ImageError(f"The {what} is not an image this app can read. "
                          "Upload a JPEG, PNG or WebP image.") from None
-    if image.format not in FORMATS:
-        raise ImageError(f"The {what} is a {image.format} file. Upload a JPEG, PNG or WebP image.")
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
-                         f"{MAX_PIXELS / 1e6:.0f} megapixels. Upload a smaller image.")
     try:
-        image.seek(0)  # animations: the first frame
+        if image.format not in FORMATS:
+            raise ImageError(f"The {what} is in {image.format} format. Upload a JPEG, PNG or WebP image.")
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
+                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Upload a smaller image.")
+        _checked_shape(image, what)
+        if image.format in ("JPEG", "MPO"):
+            _check_jpeg(contents(), image.size, what)
+    except ImageError:
+        image.close()
+        raise
+    return image
+
+
+def _decoded(image: Image.Image, what: str) -> Image.Image:
+    """`image` with its pixels decoded (the first frame of an animation)."""
+    try:
+        image.seek(0)
         image.load()
-    except Exception:
-        raise ImageError(f"The {what} file is truncated or corrupt. Upload it again or try another image.") \
-            from None
-    return _checked_size(_to_rgb(image), what)
+    except Exception as error:
+        _refuse_metadata_bomb(error, what)
+        raise _truncated(what) from None
+    return image
 
 
-def _checked_size(image: Image.Image, what: str) -> Image.Image:
+def _truncated(what: str) -> ImageError:
+    return ImageError(f"The {what} file is truncated or corrupt. Upload it again or try another image.")
+
+
+def _refuse_metadata_bomb(error: Exception, what: str) -> None:
+    """PNG text and colour-profile chunks inflate like a zip bomb; Pillow stops them past its MAX_TEXT_* limits."""
+    if isinstance(error, ValueError) and "MAX_TEXT" in str(error):
+        raise ImageError(f"The {what}'s metadata (text or colour profile) is too large. Save the image again "
+                         "without metadata, or try another image.") from None
+
+
+# The end of a scan's entropy-coded data: a marker, that is 0xFF followed by anything but a stuffed zero,
+# a restart marker (both part of the data) or another 0xFF (fill).
+_END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive, as cameras and browsers write them
+
+
+def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
+    """Refuse a JPEG whose decoding would take far too long (a scan bomb) or that has hardly any image data
+    (a header alone decodes to a flat grey picture). Walks the markers of the first image without decoding."""
+    scans = coded = 0
+    huffman = False
+    position = 2  # after the start-of-image marker
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xD9:  # end of image
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte or a marker without length
+            position += 1 if marker == 0xFF else 2
+            continue
+        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        huffman |= marker in _HUFFMAN_FRAMES
+        if marker == 0xDA:  # start of scan: its header, then entropy-coded data up to the next marker
+            scans += 1
+            following = _END_OF_SCAN.search(data, end)
+            coded += (following.start() if following else len(data)) - end
+            end = following.start() if following else len(data)
+        position = end
+    if scans > MAX_SCANS:
+        raise ImageError(f"The {what} is a JPEG in {scans} scans (progressive layers); the limit is {MAX_SCANS}. "
+                         "Open it in an image editor and save it again as a standard JPEG or a PNG.")
+    # Huffman coding spends at least one bit on every 8x8 block's DC coefficient.
+    if huffman and coded * 8 < math.ceil(size[0] / 8) * math.ceil(size[1] / 8):
+        raise _truncated(what)
+
+
+def _checked_shape(image: Image.Image, what: str) -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"The {what} is only {width}x{height} pixels; use one at least "
@@ -87,9 +179,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB; transparency is flattened onto white, 16-bit data scaled, not clipped."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        data = np.asarray(image, dtype=np.float64)
+        data = np.asarray(image, dtype=np.float32)  # in place from here: a 40-megapixel image takes 160 MB
         high = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(data / high * 255 + 0.5, 0, 255).astype(np.uint8))
+        data *= 255 / high
+        data += 0.5
+        image = Image.fromarray(np.clip(data, 0, 255, out=data).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa"):

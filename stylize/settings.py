@@ -38,6 +38,7 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
 }
 PRESET_NAMES = ("draft", "standard", "fine")
 MIN_TILE_SIZE = 256  # smaller tiles would be mostly the overlap they share with their neighbours
+ECHO_LENGTH = 40  # the most characters of a user's value that a message repeats
 
 
 class SettingsError(ValueError):
@@ -120,7 +121,7 @@ class Settings:
     def from_preset(cls, preset: str, device_kind: str, **overrides: Any) -> Settings:
         """Settings for a quality preset on a "cpu" or "gpu" device, then `overrides`."""
         if preset not in PRESET_NAMES:
-            raise SettingsError(f"preset must be one of {', '.join(PRESET_NAMES)}; got {preset!r}.")
+            raise SettingsError(f"preset must be one of {', '.join(PRESET_NAMES)}; got {brief(preset)}.")
         return cls(**{**PRESETS[device_kind][preset], **overrides})
 
     def to_json(self) -> str:
@@ -150,24 +151,27 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
     low, high, choices = meta["low"], meta["high"], meta["choices"]
     if type_name.startswith("tuple"):
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise SettingsError(f"{name} must be a list, got {value!r}.")
+            raise SettingsError(f"{name} must be a list, got {brief(value)}.")
         item_type = "float" if "float" in type_name else "str"
         return tuple(_checked(name, item_type, v, meta) for v in value)
     if type_name == "str":
         if not isinstance(value, str):
-            raise SettingsError(f"{name} must be text, got {value!r}.")
+            raise SettingsError(f"{name} must be text, got {brief(value)}.")
         if choices and value not in choices:
-            raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {brief(value)}.")
         return value
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{name} must be a number, got {value!r}.") from None
+        raise SettingsError(f"{name} must be a number, got {brief(value)}.") from None
+    except OverflowError:  # a whole number with hundreds of digits, too large for a float
+        raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {brief(value)}.") \
+            from None
     if isinstance(value, bool) or not math.isfinite(number):
-        raise SettingsError(f"{name} must be a finite number, got {value!r}.")
+        raise SettingsError(f"{name} must be a finite number, got {brief(value)}.")
     if type_name == "int":
         if number != int(number):
-            raise SettingsError(f"{name} must be a whole number, got {value!r}.")
+            raise SettingsError(f"{name} must be a whole number, got {brief(value)}.")
         number = int(number)
     if not low <= number <= high:
         raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {_fmt(number)}.")
@@ -175,4 +179,10 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
 
 
 def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"  # 1e308 is not 309 digits
+
+
+def brief(value: Any) -> str:
+    """`repr(value)` cut to ECHO_LENGTH characters: messages echo what a user sent, which may be megabytes."""
+    text = repr(value)
+    return text if len(text) <= ECHO_LENGTH else text[:ECHO_LENGTH - 1] + "…"

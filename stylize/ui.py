@@ -22,10 +22,12 @@ from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image, ImageChops
+from starlette.middleware import Middleware
 
-from .engine import Progress, pick_device, result_metadata, transfer
-from .images import MAX_BYTES, ImageError, load_image, save_png
-from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
+from . import guard
+from .engine import Progress, job_work, pick_device, result_metadata, transfer
+from .images import MAX_BYTES, ImageError, image_size, load_image, load_opacity, save_png
+from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, brief, knob
 from .vgg import WeightsError, resolve_weights
 
 try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere the package is absent.
@@ -34,11 +36,16 @@ except ImportError:
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
 
+# The app's own folder for uploads, previews and results, which guard.sweeping empties by age: never one that other
+# apps share, as gradio's default is.
+os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "stylize"))
+
 Control = TypeVar("Control", bound=gr.components.Component)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
+WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
 CSS = """
 #status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
                    overflow: hidden; background: var(--neutral-200); }
@@ -61,10 +68,11 @@ def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
+    job_clock()  # times this server, before any user waits
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
-    keep = max(1, int(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600)))  # uploads, previews and results
 
-    with gr.Blocks(title="Stylize", delete_cache=(min(600, keep), keep)) as demo:
+    with gr.Blocks(title="Stylize", delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
+                   analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true") as demo:
         gr.Markdown("# Stylize\nRepaint a photo in the style of an artwork. Add both pictures "
                     "(or click an example below), then press **Stylize**.")
         if weights.untrained:
@@ -106,6 +114,7 @@ def build_demo() -> gr.Blocks:
                     extra_styles = gr.Gallery(label="More style images, blended with the style artwork",
                                               type="filepath", interactive=True, file_types=["image"], columns=4)
                     style_weights = gr.Textbox("", label=knob("style_weights")["label"], placeholder="e.g. 1, 0.5",
+                                               max_length=WEIGHTS_TEXT_LENGTH,
                                                info=knob("style_weights")["help"] + " The first is the style "
                                                "artwork's, then one per extra image, separated by commas.")
                 mask = _painting(gr.ImageEditor(
@@ -114,7 +123,7 @@ def build_demo() -> gr.Blocks:
                     image_mode="RGBA", sources=[], transforms=[], layers=False,
                     brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed")))
 
-        gr.Examples([[str(ASSETS / photo), str(ASSETS / art)] for photo, art in EXAMPLES], [content, style],
+        gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
                     [result, status, download], fn=example, cache_examples=True, cache_mode="lazy",
                     label="Examples (click one; the first click computes it)")
         history = gr.State([])
@@ -136,13 +145,40 @@ def build_demo() -> gr.Blocks:
         job.then(_idle, None, [run, stop], **private)
         job.failure(_idle, None, [run, stop], **private)
         stop.click(lambda: gr.Button(interactive=False), None, stop, cancels=[job], **private)
-    return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")))
+    # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
+    return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
 
 
 def launch_options() -> dict[str, Any]:
-    """Arguments for `demo.launch()`: the upload cap, the look, and server-side rendering where Node allows it."""
+    """Arguments for `demo.launch()`: the upload cap, the look, server-side rendering where Node allows it, and what
+    a public server needs (guard.py): the limits on requests and clients in front of the routes, the sweep of the
+    app's folder, and no run history (its routes call the Hub with the host's own token)."""
+    folder = gr.utils.get_upload_folder()
     return {"max_file_size": MAX_BYTES, "ssr_mode": ssr_available(), "css": CSS,
-            "theme": gr.themes.Soft(primary_hue="indigo")}
+            "theme": gr.themes.Soft(primary_hue="indigo"), "run_history": False,
+            "app_kwargs": {"lifespan": guard.sweeping(folder), "middleware": [
+                Middleware(guard.Guard, folder=folder, clients_in_line=_clients_in_line)]}}
+
+
+@functools.cache
+def job_clock() -> guard.JobClock:
+    """This server's speed, timed once: what a job will cost before it starts."""
+    return guard.JobClock.measured()
+
+
+def _clients_in_line(app: Any) -> list[str]:
+    """The client (guard.client_of) of each job in gradio's queue, waiting or running. Gradio offers no public view
+    of who waits, so this reads its queue's own table of events; test_public checks that this still works."""
+    events = list(app.get_blocks()._queue.event_ids_to_events.values())
+    return [guard.client_of(event.request.client and event.request.client.host, event.request.headers,
+                            event.session_hash) for event in events]
+
+
+def _asset(name: str) -> str:
+    """A shipped example's path, relative to the working directory where it can be: the page's config, which anyone
+    can read, carries it, and an absolute one would show where the app is installed."""
+    path = ASSETS / name
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def ssr_available() -> bool:
@@ -159,7 +195,7 @@ def ssr_available() -> bool:
 
 def stylize(content: str | None, style: str | None, preset: str, size: float, style_strength: float,
             content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
-            style_weights: str, mask: dict | None, optimizer: str, seed: float, smoothing: float,
+            style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
             history: list | None = None) -> Iterator[tuple]:
     """The /stylize endpoint: streams the picture and status line, then adds the result to the gallery."""
     try:
@@ -169,10 +205,8 @@ def stylize(content: str | None, style: str | None, preset: str, size: float, st
             preset, device_kind(), size=size, style_strength=style_strength, content_strength=content_strength,
             preserve_colors=preserve_colors, style_scale=style_scale, style_weights=_numbers(style_weights),
             optimizer=optimizer, seed=seed, smoothing=smoothing)
-        photo = _opened(content, "photo")
-        styles = [_opened(style, "style artwork")] + [
-            _opened(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles or [], start=1)]
-        with closing(_run(photo, styles, settings, _painted_region(mask))) as frames:
+        photo, styles, region = _job_images(content, style, extra_styles or [], mask or [], settings, preset)
+        with closing(_run(photo, styles, settings, region)) as frames:
             for picture, line in frames:
                 if isinstance(picture, Image.Image):
                     yield picture, line, gr.skip(), gr.skip(), gr.skip()
@@ -207,6 +241,8 @@ def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
     steps = transfer(content, styles, settings, mask=mask)
     try:
         for progress in steps:
+            if progress.final:  # this server's speed, measured again
+                job_clock().record(job_work(content.size, settings), progress.elapsed)
             yield (_save(progress, settings) if progress.final else progress.image()), _status(progress)
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
@@ -247,37 +283,66 @@ def _duration(seconds: float) -> str:
 
 def _save(progress: Progress, settings: Settings) -> str:
     """Write the full-size result as a PNG with its settings embedded, where the server serves it from."""
-    folder = Path(gr.utils.get_upload_folder()) / "results"
+    folder = Path(gr.utils.get_upload_folder())
     folder.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=folder)) / "stylized.png"
+    # A new folder of its own, made in one step: the sweep (guard.py) removes folders that stand empty.
+    path = Path(tempfile.mkdtemp(prefix="result-", dir=folder)) / "stylized.png"
     save_png(progress.image(), path, result_metadata(settings, progress))
     return str(path)
 
 
-def _painted_region(editor: dict | None) -> Image.Image | None:
-    """White where the mask editor's layers are painted; None when nothing is (style everywhere)."""
-    layers = (editor or {}).get("layers") or []
+def _job_images(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings,
+                preset: str) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
+    """The photo, the style images and the painted region of one job. Their count, each file's header, their
+    pixels together and the job's time are checked before any pixel is decoded; then each image is shrunk to what
+    the engine uses as soon as it is read, so that a job holds at most one full-size image at a time."""
+    limit = guard.MAX_EXTRA_IMAGES
+    if len(extra_styles) > limit:
+        raise ImageError(f"Use at most {limit} more style images; {len(extra_styles)} were given.")
+    if len(layers) > limit:
+        raise ImageError(f"The painted region may have at most {limit} layers; {len(layers)} were given.")
+    files = [(content, "photo"), (style, "style artwork"),
+             *[(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles, start=1)],
+             *[(path, "painted region") for path in layers]]
+    sizes = [image_size(_uploaded(path, what), what) for path, what in files]
+    pixels = sum(width * height for width, height in sizes)
+    if pixels > guard.MAX_JOB_PIXELS:
+        raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
+                         f"{guard.MAX_JOB_PIXELS / 1e6:.0f}. Use fewer or smaller images.")
+    job_clock().check(sizes[0], settings, PRESET_LABELS[preset])
+    photo = load_image(content, "photo", settings.size)
+    style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
+    styles = [load_image(path, what, style_side) for path, what in files[1:2 + len(extra_styles)]]
+    return photo, styles, _painted_region(layers, photo.size)
+
+
+def _painted_region(layers: list[str], size: tuple[int, int]) -> Image.Image | None:
+    """White where any painted layer has paint, at the photo's `size`; None where none has (style everywhere)."""
     if not layers:
         return None
-    region = functools.reduce(ImageChops.lighter, [layer.convert("RGBA").getchannel("A") for layer in layers])
-    return region.point(lambda alpha: 255 if alpha else 0) if region.getbbox() else None
+    region = functools.reduce(ImageChops.lighter, (load_opacity(path, "painted region", size) for path in layers))
+    return region if region.getbbox() else None
 
 
 def _numbers(text: str | None) -> tuple[float, ...]:
+    text = "" if text is None else text
+    if not isinstance(text, str) or len(text) > WEIGHTS_TEXT_LENGTH:
+        raise SettingsError(f"Style blend weights must be a short text of numbers separated by commas, like 1, 0.5; "
+                            f"got {brief(text)}.")
     try:
-        return tuple(float(item) for item in (text or "").replace(",", " ").split())
+        return tuple(float(item) for item in text.replace(",", " ").split())
     except ValueError:
         raise SettingsError(f"Style blend weights must be numbers separated by commas, like 1, 0.5; "
-                            f"got {text!r}.") from None
+                            f"got {brief(text)}.") from None
 
 
-def _opened(path: str, what: str) -> Image.Image:
-    """An uploaded image, checked by `load_image`; a page left open past the cache cleanup sends a path that is
-    gone, and its user is told to upload again rather than that a file with a random name does not exist."""
+def _uploaded(path: str, what: str) -> str:
+    """An uploaded file's path, once it is known to be still there: a page left open past the cleanup sends a path
+    that is gone, and its user is told to upload again rather than that a file with a random name does not exist."""
     if not Path(path).is_file():
         raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
                          "Upload it again.")
-    return load_image(path, what)
+    return path
 
 
 def _busy() -> tuple:
@@ -299,23 +364,11 @@ def _upload(label: str, elem_id: str) -> gr.Image:
 
 
 def _painting(editor: gr.ImageEditor) -> gr.ImageEditor:
-    """The region editor, hardened for the public: every file it sends passes `load_image`'s checks before
-    gradio decodes it (a bomb is refused from its header), and its blob route, which would keep whatever
-    anyone posts to it in server memory until a run claims it, answers no one (the page sends files)."""
-    decode = editor.preprocess
-
-    def preprocess(payload: Any) -> Any:
-        if payload is not None:
-            files = [payload.background, *payload.layers, payload.composite]
-            try:
-                for file in files:
-                    if file is not None and file.path:
-                        _opened(file.path, "painted region")
-            except ImageError as error:
-                raise gr.Error(str(error)) from None
-        return decode(payload)
-
-    editor.preprocess = preprocess
+    """The region editor, hardened for the public: its painted layers reach the job as paths, unopened (gradio would
+    decode every file the editor sends, at full size; the job checks, counts and shrinks the layers one at a time),
+    and its blob route, which would keep whatever anyone posts to it in server memory until a run claims it,
+    answers no one (the page sends files)."""
+    editor.preprocess = lambda payload: [layer.path for layer in payload.layers] if payload else []
     editor.accept_blobs = None  # the route looks the function up on the component: now it finds none
     editor.server_fns = [fn for fn in editor.server_fns if fn.__name__ != "accept_blobs"]
     return editor

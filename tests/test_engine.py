@@ -179,3 +179,25 @@ def test_running_out_of_memory_mid_run_becomes_a_message(monkeypatch, content_im
     monkeypatch.setattr("stylize.engine.tv_loss", no_memory)
     with pytest.raises(SettingsError, match="Ran out of CPU memory at .* choose a smaller size"):
         list(stream)
+
+
+def test_a_jobs_work_is_known_before_it_starts(monkeypatch, content_image, style_image):
+    """job_work (what a server's time estimate uses) is the pixel count summed over the steps the run takes."""
+    from stylize.engine import job_work
+
+    monkeypatch.setattr("stylize.engine.PREVIEW_SECONDS", 0)  # a record for every step
+    settings = Settings(size=150, steps=12)
+    records = list(transfer(content_image, style_image, settings))
+    assert [r.step for r in records] == list(range(1, 13))
+    assert job_work(content_image.size, settings) == sum(r.size[0] * r.size[1] for r in records)
+
+
+def test_a_result_records_the_weights_kind_not_a_server_path(monkeypatch, content_image, style_image):
+    from stylize.engine import result_metadata
+
+    settings = Settings(size=64, steps=2)
+    final = list(transfer(content_image, style_image, settings))[-1]
+    monkeypatch.setenv("STYLIZE_WEIGHTS", "/srv/private/models/vgg19-dcbb9e9d.pth")  # as a server sets it
+    metadata = result_metadata(settings, final)
+    assert "/srv/private" not in "".join(metadata.values())
+    assert metadata["stylize:weights"] == "untrained"

@@ -48,7 +48,7 @@ GOOD = Image.new("RGB", (64, 48), (10, 120, 200))
     ("small.png", encoded(Image.new("RGB", (8, 8)), "PNG"), "at least 16 pixels"),
     ("thin.png", encoded(Image.new("RGB", (4000, 10)), "PNG"), "at least 16 pixels"),
     ("strip.png", encoded(Image.new("RGB", (4000, 40)), "PNG"), "Crop it"),
-    ("icon.ico", encoded(Image.new("RGB", (32, 32)), "ICO"), "ICO file"),
+    ("icon.ico", encoded(Image.new("RGB", (32, 32)), "ICO"), "in ICO format"),
 ])
 def test_bad_files_are_refused_with_a_message_that_says_what_to_do(tmp_path, name, data, message):
     path = write(tmp_path, name, data)
@@ -118,3 +118,81 @@ def test_exif_rotation_is_applied(tmp_path):
 
 def test_a_good_image_loads_unchanged(tmp_path):
     assert np.array_equal(rgb(write(tmp_path, "good.png", encoded(GOOD, "PNG"))), np.asarray(GOOD))
+
+
+def test_a_format_this_app_does_not_take_is_named_without_a_wrong_article(tmp_path):
+    for fmt in ("ICO", "TGA"):
+        with pytest.raises(ImageError) as error:
+            load_image(encoded(Image.new("RGB", (32, 32)), fmt))
+        assert f"in {fmt} format" in str(error.value) and f" a {fmt}" not in str(error.value)
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+@pytest.mark.parametrize(("kind", "prefix"), [(b"zTXt", b"Comment\0\0"), (b"iTXt", b"Comment\0\1\0\0\0"),
+                                              (b"iCCP", b"profile\0\0")])
+def test_a_metadata_bomb_is_refused_as_metadata_too_large(kind, prefix, where):
+    """A compressed text or colour-profile chunk of 200 KB that would inflate to 200 MB."""
+    bomb = chunk(kind, prefix + zlib.compress(b"a" * 200_000_000, 9))
+    png = encoded(GOOD, "PNG")
+    at = 33 if where == "before the pixels" else png.index(b"IEND") - 4  # after IHDR, or before IEND
+    with pytest.raises(ImageError, match="metadata .* is too large"):
+        load_image(png[:at] + bomb + png[at:])
+
+
+def progressive(size: tuple[int, int], repeats: int = 0) -> bytes:
+    """A progressive JPEG of a flat colour whose last scan is repeated `repeats` more times: each repeat is a
+    few bytes that libjpeg decodes over the whole picture (about 2 ms per scan at 4 megapixels)."""
+    data = encoded(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # the last scan's header and data, up to the end-of-image marker
+    return data[:-2] + scan * repeats + data[-2:]
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path, monkeypatch):
+    bomb = progressive((2000, 2000), repeats=5000)  # about 10 s of decoding
+    assert len(bomb) < 100_000
+    decoded = []
+    monkeypatch.setattr(images_module, "_decoded", lambda *args: decoded.append(args))
+    with pytest.raises(ImageError, match=r"5010 scans .* the limit is 100"):
+        load_image(write(tmp_path, "bomb.jpg", bomb))
+    with pytest.raises(ImageError, match="scans"):
+        images_module.image_size(bomb)
+    assert not decoded
+
+
+def test_ordinary_progressive_and_multi_scan_jpegs_load():
+    assert load_image(progressive((64, 48))).size == (64, 48)
+    assert load_image(progressive((64, 48), repeats=80)).size == (64, 48)  # odd but harmless: under the limit
+    cmyk = encoded(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", progressive=True)
+    assert load_image(cmyk).size == (32, 32)
+
+
+def test_a_jpeg_header_without_image_data_is_refused_as_truncated():
+    """Pillow decodes a header claiming 6000x6000 followed by the end marker to a flat grey picture."""
+    full = encoded(Image.new("RGB", (6000, 6000), (100, 100, 100)), "JPEG", quality=50)
+    start = full.index(b"\xff\xda")
+    header = full[:start + 2 + int.from_bytes(full[start + 2:start + 4], "big")]
+    for data in (header + b"\xff\xd9", header + b"\x12\x34" * 8 + b"\xff\xd9"):
+        assert len(data) < 1000
+        with pytest.raises(ImageError, match="truncated or corrupt"):
+            load_image(data)
+
+
+def test_a_large_image_is_shrunk_as_it_is_read(tmp_path):
+    path = write(tmp_path, "big.png", encoded(Image.new("RGB", (3000, 1000), (200, 10, 10)), "PNG"))
+    small = load_image(path, max_side=300)
+    assert small.size == (300, 100) and small.getpixel((150, 50)) == (200, 10, 10)
+    assert load_image(path, max_side=5000).size == (3000, 1000)  # never enlarged
+    assert images_module.image_size(path) == (3000, 1000)
+
+
+def test_the_opacity_of_a_painted_layer():
+    layer = Image.new("RGBA", (80, 40), (0, 0, 0, 0))
+    layer.paste((255, 77, 77, 153), (0, 0, 40, 40))  # the left half, painted at 60 % opacity
+    opacity = images_module.load_opacity(encoded(layer, "PNG"), "painted region", (40, 20))
+    assert opacity.mode == "L" and opacity.size == (40, 20)
+    assert opacity.getpixel((5, 10)) == 255 and opacity.getpixel((35, 10)) == 0

@@ -1,0 +1,332 @@
+"""What keeps a public server serving everyone: limits on one job, on one client and on the disk.
+
+A public page has one worker (or a few) and strangers for users, some of them hostile. Every limit is set
+here, once, from its environment variable; README ("Running it publicly") lists them. Nothing here imports
+gradio: `stylize.ui` times the server with `JobClock`, puts `Guard` in front of the app's routes and runs
+`sweeping` for the app's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+from .engine import job_work, transfer
+from .settings import Settings, SettingsError
+
+MAX_JOB_SECONDS = float(os.environ.get("STYLIZE_MAX_JOB_SECONDS", "300"))
+JOBS_PER_CLIENT = int(os.environ.get("STYLIZE_JOBS_PER_CLIENT", "2"))  # waiting or running, at once
+MAX_JOB_PIXELS = int(float(os.environ.get("STYLIZE_MAX_JOB_MEGAPIXELS", "120")) * 1_000_000)  # all its images
+CLIENT_STORAGE = int(float(os.environ.get("STYLIZE_CLIENT_STORAGE_MB", "500")) * 2**20)  # uploads kept at once
+KEEP_SECONDS = max(1, int(float(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))))
+MAX_EXTRA_IMAGES = 8  # extra style images in one job, and painted layers in one job
+MAX_FILES_PER_UPLOAD = MAX_EXTRA_IMAGES  # the most the page sends at once: a gallery's worth
+MAX_REQUEST_BYTES = 2**20  # any other request: a job's inputs are file names, numbers and short text
+MIN_FILE_CHARGE = 64 * 2**10  # a stored file costs a folder and inodes too: it counts as at least this
+SWEEP_SECONDS = min(600, KEEP_SECONDS)
+CALIBRATION = {"size": 128, "steps": 4}  # the transfer timed at start-up: a fraction of a second on a 2-core CPU
+
+
+# --- the cost of one job -------------------------------------------------------------------------------------
+
+class JobClock:
+    """This server's speed in seconds per unit of work (`engine.job_work`): what a job will cost before it starts.
+
+    Timed on a small transfer at start-up (`measured`), then taken from each finished job at least that large:
+    smaller ones are dominated by per-step overheads the work model leaves out.
+    """
+
+    def __init__(self, seconds_per_work: float, least_work: int = 0):
+        self.seconds_per_work = seconds_per_work
+        self.least_work = least_work
+
+    @classmethod
+    def measured(cls) -> JobClock:
+        photo = Image.effect_noise((CALIBRATION["size"],) * 2, 60).convert("RGB")  # any picture costs the same
+        settings = Settings(**CALIBRATION)
+        deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19 on the device, warms up
+        started = time.perf_counter()
+        deque(transfer(photo, photo, settings), maxlen=0)
+        work = job_work(photo.size, settings)
+        return cls((time.perf_counter() - started) / work, work)
+
+    def record(self, work: int, seconds: float) -> None:
+        if work >= self.least_work:
+            self.seconds_per_work = seconds / work
+
+    def seconds(self, content_size: tuple[int, int], settings: Settings) -> float:
+        return job_work(content_size, settings) * self.seconds_per_work
+
+    def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
+        """Refuse a job that would hold the worker longer than MAX_JOB_SECONDS, naming the largest size that fits."""
+        estimate = self.seconds(content_size, settings)
+        if estimate <= MAX_JOB_SECONDS:
+            return
+        sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
+        fits = next((size for size in sizes if self._fits(content_size, settings, size)), None)
+        advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
+        raise SettingsError(f"A {settings.size} px picture with the {preset} preset would take about "
+                            f"{_about(estimate)} on this server; the limit is {_about(MAX_JOB_SECONDS)}. {advice}")
+
+    def _fits(self, content_size: tuple[int, int], settings: Settings, size: int) -> bool:
+        try:
+            return self.seconds(content_size, replace(settings, size=size)) <= MAX_JOB_SECONDS
+        except SettingsError:  # too small for this photo's shape
+            return False
+
+
+def _about(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# --- who a request comes from --------------------------------------------------------------------------------
+
+def client_of(peer: str | None, headers: Mapping[str, str], session: str | None) -> str:
+    """Who sent a request, as well as this server can tell: the connection's address; or, when that is a proxy on
+    this machine or its network (a Space's, or gradio's own Node server), the address the proxy passes in
+    X-Forwarded-For; or, from a proxy that passes none (it relays visitors it does not tell apart), the session."""
+    if peer and not _is_private(peer):
+        return peer
+    forwarded = headers.get("x-forwarded-for", "").split(",")[-1].strip()
+    return forwarded or (f"session {session}" if session else peer or "unknown")
+
+
+def _is_private(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_private  # loopback included
+    except ValueError:
+        return False
+
+
+# --- the routes ----------------------------------------------------------------------------------------------
+
+class Guard:
+    """ASGI middleware in front of the app's routes: bounds what one request carries and what one client holds.
+
+    - An upload needs a Content-Length and may carry at most MAX_FILES_PER_UPLOAD files; what one client has
+      uploaded within KEEP_SECONDS (the time files are kept) may not pass CLIENT_STORAGE.
+    - Any other request may carry at most MAX_REQUEST_BYTES.
+    - A client may have at most JOBS_PER_CLIENT jobs waiting or running: `clients_in_line(app)` names the client of
+      each job in the queue, and joins still on their way in are counted here, so a burst cannot slip past.
+    """
+
+    def __init__(self, app: Callable, *, folder: str, clients_in_line: Callable[[Any], list[str]]):
+        self.app = app
+        self.folder = Path(folder).resolve()
+        self.clients_in_line = clients_in_line
+        self.joining: Counter[str] = Counter()  # joins on their way into the queue, by client
+        self.uploads: deque[tuple[float, str, int]] = deque()  # (time, client, bytes) within KEEP_SECONDS
+        self.stored: Counter[str] = Counter()  # the bytes of those uploads, by client
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if scope["path"].endswith("/upload"):
+            return await self._upload(scope, receive, send)
+        body = await _body(receive, MAX_REQUEST_BYTES)
+        if body is None:
+            return await _refuse(scope, receive, send, 413, "The request is too large.")
+        if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
+            return await self._join(scope, _replay(body, receive), send, _session(body))
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _join(self, scope: dict, receive: Callable, send: Callable, session: str | None) -> None:
+        client = client_of(_peer(scope), Headers(scope=scope), session)
+        waiting = self.clients_in_line(scope["app"]).count(client) + self.joining[client]
+        if waiting >= JOBS_PER_CLIENT:
+            return await _refuse(scope, receive, send, 429, f"You have {waiting} pictures waiting or being "
+                                 f"made, the most one visitor may have; wait for one to finish.")
+        self.joining[client] += 1  # no await since the count: two joins at once cannot both pass
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.joining[client] -= 1
+            if not self.joining[client]:
+                del self.joining[client]
+
+    async def _upload(self, scope: dict, receive: Callable, send: Callable) -> None:
+        headers = Headers(scope=scope)
+        client = client_of(_peer(scope), headers, None)
+        length = headers.get("content-length", "")
+        if not length.isdigit():
+            await _drain(receive)
+            return await _refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
+        self._forget_old_uploads()
+        stored = self.stored[client]
+        if stored + int(length) > CLIENT_STORAGE:
+            await _drain(receive)
+            return await _refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
+                                 f"{_about(KEEP_SECONDS)}, the most one visitor may store; try again later.")
+        response = _HeldResponse()
+        try:
+            await self.app(scope, receive, response.send)
+        except TypeError:  # gradio's upload route fails so on a form field where a file should be
+            if response.messages:
+                raise
+            return await _refuse(scope, receive, send, 400, "Send each file as a file part named 'files'.")
+        files = response.files()
+        if len(files) > MAX_FILES_PER_UPLOAD:
+            self._delete(files)
+            return await _refuse(scope, receive, send, 413, f"Upload at most {MAX_FILES_PER_UPLOAD} files at once.")
+        if files:
+            charge = max(int(length), len(files) * MIN_FILE_CHARGE)
+            self.uploads.append((time.monotonic(), client, charge))
+            self.stored[client] += charge
+        await response.replay(send)
+
+    def _forget_old_uploads(self) -> None:
+        """Uploads older than KEEP_SECONDS are deleted from disk by now: they no longer count."""
+        while self.uploads and self.uploads[0][0] < time.monotonic() - KEEP_SECONDS:
+            _, client, size = self.uploads.popleft()
+            self.stored[client] -= size
+            if not self.stored[client]:
+                del self.stored[client]
+
+    def _delete(self, files: list[str]) -> None:
+        for name in files:
+            path = Path(name).resolve()
+            if path.is_relative_to(self.folder) and path.parent != self.folder:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # gradio keeps each upload in a folder of its own
+
+
+def _peer(scope: dict) -> str | None:
+    return scope["client"][0] if scope.get("client") else None
+
+
+def _session(body: bytes) -> str | None:
+    try:
+        session = json.loads(body).get("session_hash")
+    except (ValueError, AttributeError):
+        return None
+    return session if isinstance(session, str) else None
+
+
+async def _body(receive: Callable, limit: int) -> bytes | None:
+    """The whole request body, or None when it passes `limit` bytes (the rest is then drained, unkept)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if not message.get("more_body", False):
+            break
+        if size > limit:
+            await _drain(receive)
+            break
+    return b"".join(chunks) if size <= limit else None
+
+
+async def _drain(receive: Callable, limit: int = 64 * 2**20) -> None:
+    """Read and drop what is left of a refused request's body, up to `limit` bytes: a proxy in front (gradio's
+    own Node server) answers 502 instead of the refusal when the server answers before it has sent the body."""
+    read, more = 0, True
+    while more and read <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        read += len(message.get("body", b""))
+        more = message.get("more_body", False)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """A `receive` that hands the app a body already read, then the connection's own messages (a disconnect)."""
+    sent = False
+
+    async def replayed() -> dict:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replayed
+
+
+async def _refuse(scope: dict, receive: Callable, send: Callable, status: int, message: str) -> None:
+    """The page shows `detail` of a refused request; the status says the same to a script."""
+    await JSONResponse({"detail": message, "error": message}, status_code=status)(scope, receive, send)
+
+
+class _HeldResponse:
+    """A response kept back until the upload's files are counted."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    async def send(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def files(self) -> list[str]:
+        if not self.messages or self.messages[0].get("status") != 200:
+            return []
+        try:
+            files = json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
+        except ValueError:
+            return []
+        return files if isinstance(files, list) else []
+
+    async def replay(self, send: Callable) -> None:
+        for message in self.messages:
+            await send(message)
+
+
+# --- the disk ------------------------------------------------------------------------------------------------
+
+def sweep(folder: Path, file_age: float, folder_age: float) -> None:
+    """Delete files under `folder` last changed more than `file_age` seconds ago, then the folders left empty:
+    those this sweep emptied and those standing empty for `folder_age` (gradio makes a folder for each file)."""
+    now = time.time()
+    emptied: set[Path] = set()
+    for root, _, files in os.walk(folder, topdown=False):
+        directory = Path(root)
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                if (directory / name).lstat().st_mtime < now - file_age:
+                    (directory / name).unlink()
+                    emptied.add(directory)
+        with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+            if directory != folder and (directory in emptied or directory.lstat().st_mtime < now - folder_age):
+                directory.rmdir()
+                emptied.add(directory.parent)
+
+
+def sweeping(folder: str) -> Callable[[Any], contextlib.AbstractAsyncContextManager]:
+    """A lifespan for the app: sweeps `folder` at start-up, which cleans up after an earlier process, then every
+    SWEEP_SECONDS. Gradio's own cleanup (`delete_cache`) deletes the files this process made and forgets them;
+    the sweep comes later (KEEP_SECONDS + SWEEP_SECONDS) for what it never knew, and removes empty folders."""
+    root = Path(folder)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(sweep, root, KEEP_SECONDS, 0)
+
+        async def every_while() -> None:
+            while True:
+                await asyncio.sleep(SWEEP_SECONDS)
+                await asyncio.to_thread(sweep, root, KEEP_SECONDS + SWEEP_SECONDS, SWEEP_SECONDS)
+
+        task = asyncio.create_task(every_while())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return lifespan

@@ -1,0 +1,171 @@
+"""The public server's limits, without a server: a job's cost, who a client is, the sweep of the app's folder."""
+
+import asyncio
+import json
+import os
+import time
+import uuid
+
+import pytest
+from starlette.responses import JSONResponse
+
+from stylize import Settings, SettingsError
+from stylize import guard as guard_module
+from stylize.engine import job_work
+from stylize.guard import Guard, JobClock, client_of, sweep, sweeping
+
+PHOTO = (4000, 3000)
+
+
+def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(monkeypatch):
+    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 300)
+    clock = JobClock(seconds_per_work=1e-5)
+    fine = Settings(size=2048, steps=400)
+    seconds = job_work(PHOTO, fine) * 1e-5
+    assert seconds > 300  # the test's premise: this job is too long at this speed
+
+    with pytest.raises(SettingsError) as error:
+        clock.check(PHOTO, fine, "Fine")
+    message = str(error.value)
+    assert message.startswith(f"A 2048 px picture with the Fine preset would take about {seconds / 60:.0f} min on "
+                              "this server; the limit is 5 min. Choose ")
+    fits = int(message.split("Choose ")[1].split(" px")[0])
+    assert fits % 32 == 0
+    assert job_work(PHOTO, Settings(size=fits, steps=400)) * 1e-5 <= 300
+    assert job_work(PHOTO, Settings(size=fits + 32, steps=400)) * 1e-5 > 300
+    clock.check(PHOTO, Settings(size=fits, steps=400), "Fine")  # and that size is taken
+
+
+def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
+    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 1)
+    with pytest.raises(SettingsError, match="Choose a lighter preset"):
+        JobClock(seconds_per_work=1.0).check(PHOTO, Settings(size=512, steps=250), "Standard")
+
+
+def test_the_clock_learns_from_jobs_large_enough_to_time_fairly():
+    clock = JobClock(seconds_per_work=1e-6, least_work=10_000)
+    clock.record(work=5_000, seconds=5.0)  # a tiny job: overheads, not speed
+    assert clock.seconds_per_work == 1e-6
+    clock.record(work=20_000, seconds=0.1)
+    assert clock.seconds_per_work == 0.1 / 20_000
+
+
+def test_the_clock_times_this_machine():
+    clock = JobClock.measured()
+    assert 0 < clock.seconds_per_work < 1e-3 and clock.least_work == job_work((128, 128), Settings(size=128, steps=4))
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "session", "client"), [
+    ("93.184.216.34", "151.101.1.69", "s1", "93.184.216.34"),  # straight from the internet: its own address
+    ("127.0.0.1", "151.101.1.69, 10.0.0.5", "s1", "10.0.0.5"),  # through proxies: what the nearest one saw
+    ("10.1.2.3", "151.101.1.69", "s1", "151.101.1.69"),  # a proxy on the private network (a Space's)
+    ("127.0.0.1", "", "s1", "session s1"),  # a proxy that says nothing: the browser session
+    ("127.0.0.1", "", None, "127.0.0.1"),
+    (None, "", None, "unknown"),
+])
+def test_who_a_client_is(peer, forwarded, session, client):
+    assert client_of(peer, {"x-forwarded-for": forwarded} if forwarded else {}, session) == client
+
+
+def aged(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_sweep_deletes_old_files_and_empty_folders_and_keeps_the_rest(tmp_path):
+    old_file, new_file = tmp_path / "a" / "old.png", tmp_path / "b" / "new.png"
+    shared_old, shared_new = tmp_path / "c" / "old.png", tmp_path / "c" / "new.png"
+    for path in (old_file, new_file, shared_old, shared_new):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    for path in (old_file, shared_old):
+        aged(path, 100)
+    (tmp_path / "stale" / "deeper").mkdir(parents=True)  # empty folders left by an earlier process
+    aged(tmp_path / "stale" / "deeper", 100)
+    aged(tmp_path / "stale", 100)
+    (tmp_path / "fresh").mkdir()  # a folder gradio has just made for a file on its way
+
+    sweep(tmp_path, file_age=50, folder_age=50)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["b", "b/new.png", "c", "c/new.png", "fresh"]
+
+
+def test_start_up_sweeps_what_an_earlier_process_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(guard_module, "KEEP_SECONDS", 60)
+    (tmp_path / "left" / "over").mkdir(parents=True)
+    (tmp_path / "left" / "upload.png").write_bytes(b"x" * 1000)
+    aged(tmp_path / "left" / "upload.png", 3600)
+    (tmp_path / "recent").mkdir()
+    (tmp_path / "recent" / "result.png").write_bytes(b"x")
+
+    async def start_and_stop():
+        async with sweeping(str(tmp_path))(None):
+            return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert asyncio.run(start_and_stop()) == ["recent", "recent/result.png"]
+
+
+def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_path, monkeypatch):
+    """Joins arriving together all find the queue without the client's jobs: the ones still on their way in count."""
+    monkeypatch.setattr(guard_module, "JOBS_PER_CLIENT", 2)
+    registered = asyncio.Event()  # gradio puts a job in line a while after its join arrives
+
+    async def queue(scope, receive, send):
+        await receive()
+        await registered.wait()
+        await JSONResponse({"event_id": "e"})(scope, receive, send)
+
+    async def join(middleware: Guard, client: str, statuses: list) -> None:
+        body = json.dumps({"data": [], "session_hash": uuid.uuid4().hex}).encode()
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "app": None,
+                 "headers": [(b"x-forwarded-for", client.encode())], "client": ("127.0.0.1", 40000)}
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        await middleware(scope, receive, send)
+
+    async def burst() -> tuple[list, list]:
+        middleware = Guard(queue, folder=str(tmp_path), clients_in_line=lambda app: [])
+        mine, other = [], []
+        joins = [asyncio.create_task(join(middleware, "151.101.1.1", mine)) for _ in range(6)]
+        joins.append(asyncio.create_task(join(middleware, "151.101.9.9", other)))
+        while len(mine) < 4:  # the refusals come at once; the admitted wait for the queue
+            await asyncio.sleep(0)
+        registered.set()
+        await asyncio.gather(*joins)
+        return mine, other
+
+    mine, other = asyncio.run(burst())
+    assert sorted(mine) == [200, 200, 429, 429, 429, 429] and other == [200]
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["in one piece", "in pieces"])
+def test_a_request_over_the_size_limit_is_refused_whether_or_not_more_is_coming(tmp_path, chunks):
+    """The body is read up to the limit and what is left drained; nothing waits for a body that has all arrived."""
+    piece = b"x" * (guard_module.MAX_REQUEST_BYTES // chunks + 1)
+    messages = [{"type": "http.request", "body": piece, "more_body": i < chunks - 1} for i in range(chunks)]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # an open connection with nothing more to say
+
+    async def app(scope, receive, send):
+        raise AssertionError("a request over the limit reached the app")
+
+    async def post() -> list:
+        sent = []
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "headers": [], "app": None,
+                 "client": ("127.0.0.1", 40000)}
+
+        async def send(message):
+            sent.append(message)
+        await asyncio.wait_for(Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send),
+                               timeout=30)
+        return sent
+    sent = asyncio.run(post())
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["detail"] == "The request is too large."
+    assert not messages  # all of it read

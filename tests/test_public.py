@@ -1,0 +1,339 @@
+"""The app as a public page: no visitor can stall the worker, fill the queue, memory or disk, or use the host's secrets.
+
+One server for the module, launched in-process as app.py launches it, with the default time limit per job and a
+token in its environment, attacked through gradio_client, the browser's own protocol and raw HTTP. Each attack
+is refused or bounded with a message that says what to do, and the next normal job still runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import uuid
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+import test_reliability as reliability
+from conftest import artwork, live_app, photo, wait_until
+from gradio_client import Client, handle_file
+from PIL import Image
+from test_images import chunk, encoded, png_bomb, progressive
+
+import stylize.ui
+from stylize import Settings, guard
+from stylize.engine import job_work
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    with live_app(reliability.SMALL, tmp_path_factory.mktemp("examples"), max_job_seconds=guard.MAX_JOB_SECONDS,
+                  HF_TOKEN=reliability.SECRET) as demo:
+        yield demo
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("attacks")
+
+
+@pytest.fixture(scope="module")
+def good(folder):
+    photo(128, 96).save(folder / "photo.png")
+    artwork().save(folder / "art.png")
+    return str(folder / "photo.png"), str(folder / "art.png")
+
+
+def file_of(folder: Path, name: str, data: bytes) -> str:
+    (folder / name).write_bytes(data)
+    return str(folder / name)
+
+
+def cache() -> Path:
+    from gradio.utils import get_upload_folder
+    return Path(get_upload_folder())
+
+
+# --- files that would stall the worker or lie about themselves ------------------------------------------------
+
+def metadata_bomb() -> bytes:
+    png = encoded(photo(), "PNG")
+    bomb = chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * 200_000_000, 9))
+    return png[:33] + bomb + png[33:]
+
+
+def jpeg_header() -> bytes:
+    """A JPEG's header claiming 6000x6000 pixels, and its end marker: no image data at all."""
+    full = encoded(Image.new("RGB", (6000, 6000), (100, 100, 100)), "JPEG", quality=50)
+    start = full.index(b"\xff\xda")
+    return full[:start + 2 + int.from_bytes(full[start + 2:start + 4], "big")] + b"\xff\xd9"
+
+
+FILES = [
+    ("scans.jpg", lambda: progressive((2000, 2000), repeats=5000), "content",
+     "The photo is a JPEG in 5010 scans (progressive layers); the limit is 100."),
+    ("comment.png", metadata_bomb, "style", "The style artwork's metadata (text or colour profile) is too large"),
+    ("header.jpg", jpeg_header, "content", "The photo file is truncated or corrupt"),
+    ("icon.ico", lambda: encoded(Image.new("RGB", (32, 32)), "ICO"), "style", "The style artwork is in ICO format."),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "field", "message"), FILES, ids=[case[0] for case in FILES])
+def test_files_that_would_stall_or_fool_the_decoder_are_refused(client, good, folder, engine_runs, name, make, field,
+                                                                 message):
+    reliability.refused(client, good, message, **{field: handle_file(file_of(folder, name, make()))})
+    assert len(engine_runs) == 1  # the normal job after it; the refused one never started
+
+
+def test_a_scan_bomb_as_a_painted_layer_is_refused_too(client, good, folder):
+    bomb = file_of(folder, "layer.jpg", progressive((2000, 2000), repeats=5000))
+    editor = {"background": handle_file(good[0]), "layers": [handle_file(bomb)], "composite": None}
+    reliability.refused(client, good, "scans", mask=editor)
+
+
+# --- one job's size: time, images, pixels ---------------------------------------------------------------------
+
+def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, good, engine_runs, monkeypatch):
+    with Image.open(good[0]) as image:
+        size = image.size
+    draft = reliability.SMALL["draft"]["steps"]
+    # This server's speed as if a 512 px draft took just under the limit.
+    speed = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
+    monkeypatch.setattr(stylize.ui.job_clock(), "seconds_per_work", speed)
+    text = reliability.refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
+                               size=1024)
+    assert "the limit is 5 min. Choose 512 px or less." in text
+    assert len(engine_runs) == 1  # only the normal job after it ran
+
+
+def test_too_many_extra_style_images_or_painted_layers_are_refused_unread(client, good, folder):
+    tiny = handle_file(file_of(folder, "tiny.png", encoded(artwork(32, 32), "PNG")))
+    reliability.refused(client, good, "Use at most 8 more style images; 9 were given.",
+                        extra_styles=[{"image": tiny}] * 9)
+    reliability.refused(client, good, "The painted region may have at most 8 layers; 9 were given.",
+            mask={"background": handle_file(good[0]), "layers": [tiny] * 9, "composite": None})
+
+
+def test_images_with_too_many_pixels_together_are_refused_unread(client, good, folder):
+    """Four headers of 6000x6000 pixels, each under the limit for one image, in a few KB each."""
+    big = handle_file(file_of(folder, "big.png", png_bomb(6000, 6000)))
+    reliability.refused(client, good, "These images have 144 megapixels together; one picture may use at most 120.",
+            content=big, style=big, extra_styles=[{"image": big}] * 2)
+
+
+def vm(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(field + ":"))
+
+
+def test_large_images_are_shrunk_as_they_are_read_and_memory_returns(client, good, folder, capsys):
+    """A job within the limits, with eight 12-megapixel images: each is shrunk as soon as it is decoded, so the
+    job never holds them all at full size (8 x 36 MB), and the server's memory returns to its level."""
+    flat = file_of(folder, "flat.png", encoded(Image.new("RGB", (4000, 3000), (40, 90, 160)), "PNG"))
+    layer = Image.new("RGBA", (4000, 3000), (0, 0, 0, 0))
+    layer.paste((255, 77, 77, 153), (0, 0, 2000, 3000))
+    painted = file_of(folder, "painted.png", encoded(layer, "PNG"))
+    inputs = {"content": handle_file(flat), "style": handle_file(flat),
+              "extra_styles": [{"image": handle_file(flat)}] * 5,
+              "mask": {"background": handle_file(flat), "layers": [handle_file(painted)], "composite": None}}
+    reliability.normal_job(client, good)  # warm-up
+    before = reliability.rss()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the present
+    picture, status, *_ = client.predict(**inputs, preset="draft", api_name="/stylize")
+    assert "Done" in status
+    peak = vm("VmHWM") - before
+    after = reliability.rss()
+    with capsys.disabled():
+        print(f"\n8 images of 12 megapixels: server memory {before / 2**20:.0f} MB, peak +{peak / 2**20:.0f} MB, "
+              f"after {after / 2**20:.0f} MB ({(after - before) / 2**20:+.1f} MB)")
+    assert peak < 200 * 2**20  # all eight at full size would be 290 MB
+    assert after - before < 32 * 2**20
+
+
+# --- the queue: one client may not fill it ----------------------------------------------------------------------
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Jobs start, then wait at the gate until it opens: so they stay in line for as long as a test needs."""
+    opened = threading.Event()
+    real = stylize.engine.transfer
+
+    def gated(*args, **kwargs):
+        steps = real(*args, **kwargs)
+
+        def stream():
+            assert opened.wait(timeout=120)
+            try:
+                yield from steps
+            finally:
+                steps.close()
+        return stream()
+
+    monkeypatch.setattr(stylize.ui, "transfer", gated)
+    yield opened
+    opened.set()
+
+
+def raw_join(base: str, session: str, client_address: str, content: dict, style: dict) -> httpx.Response:
+    fn_index, data = reliability.endpoint(base)
+    data[0], data[1], data[2] = content, style, "draft"
+    return httpx.post(f"{base}gradio_api/queue/join", timeout=60, headers={"x-forwarded-for": client_address},
+                      json={"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None})
+
+
+def test_one_client_may_not_fill_the_queue(app, good, gate):
+    base, visitor, neighbour = app.local_url, "151.101.1.1", "151.101.2.2"
+    photo_file, art_file = reliability.upload(base, good[0]), reliability.upload(base, good[1])
+    mine = Client(base, verbose=False, headers={"X-Forwarded-For": visitor})
+    jobs = [mine.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
+                        api_name="/stylize") for _ in range(guard.JOBS_PER_CLIENT)]
+    wait_until(lambda: stylize.ui._clients_in_line(app.app).count(visitor) == guard.JOBS_PER_CLIENT,
+               what="the visitor's jobs to be in line")
+
+    for session in (mine.session_hash, uuid.uuid4().hex):  # the same page, or a new session from the same address
+        response = raw_join(base, session, visitor, photo_file, art_file)
+        assert response.status_code == 429
+        assert response.json()["detail"] == (f"You have {guard.JOBS_PER_CLIENT} pictures waiting or being made, "
+                                             "the most one visitor may have; wait for one to finish.")
+    other = Client(base, verbose=False, headers={"X-Forwarded-For": neighbour})
+    theirs = other.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
+                          api_name="/stylize")
+    wait_until(lambda: neighbour in stylize.ui._clients_in_line(app.app), what="the neighbour's job in line")
+
+    gate.set()
+    for job in [*jobs, theirs]:
+        assert "Done" in job.result(timeout=120)[1]
+    session = uuid.uuid4().hex
+    assert raw_join(base, session, visitor, photo_file, art_file).status_code == 200  # room again
+    with httpx.Client(timeout=120) as http:
+        assert any(message["msg"] == "process_completed" for message in reliability.messages(http, base, session))
+
+
+def test_no_route_runs_a_job_around_the_queue(app, good, engine_runs):
+    base = app.local_url
+    fn_index, data = reliability.endpoint(base)
+    data[0], data[1], data[2] = reliability.upload(base, good[0]), reliability.upload(base, good[1]), "draft"
+    for route in ("run/stylize", "api/stylize", f"run/predict?fn_index={fn_index}"):
+        response = httpx.post(f"{base}gradio_api/{route}", json={"data": data, "fn_index": fn_index}, timeout=60)
+        assert response.status_code in (400, 404, 422), (route, response.status_code)
+    assert not engine_runs
+
+
+# --- text and numbers of any length ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    ({"style_weights": "1, " + "9" * 300}, "Style blend weights must be a short text of numbers separated by "
+                                          "commas, like 1, 0.5; got '1, 9999"),
+    ({"style_weights": "junk " * 50}, "got 'junk junk"),
+    ({"size": int("9" * 400)}, "size must be between 64 and"),
+    ({"content_strength": 1e308}, "content_strength must be between 0 and 10; got 1e+308."),
+], ids=["weights 300 digits", "weights junk", "size 400 digits", "1e308"])
+def test_long_values_get_their_own_message_cut_short(client, good, inputs, message):
+    text = reliability.refused(client, good, message, **inputs)
+    assert len(text) < 200
+
+
+def test_a_huge_request_is_refused_unread(app, client, good):
+    fn_index, data = reliability.endpoint(app.local_url)
+    data[9] = "x" * 40 * 2**20  # 40 MB of style weights
+    response = httpx.post(f"{app.local_url}gradio_api/queue/join", timeout=120,
+                          json={"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex})
+    assert response.status_code == 413 and len(response.content) < 200
+    reliability.normal_job(client, good)
+
+
+# --- uploads and the disk ----------------------------------------------------------------------------------------
+
+def files_named(prefix: str) -> list[Path]:
+    return [path for path in cache().rglob(f"{prefix}*") if path.is_file()]
+
+
+def test_one_upload_may_not_carry_a_thousand_files(app, client, good):
+    marker = uuid.uuid4().hex[:8]
+    files = [("files", (f"{marker}-{i}.png", io.BytesIO(b"x" * 100))) for i in range(1000)]
+    response = httpx.post(f"{app.local_url}gradio_api/upload", files=files, timeout=120)
+    assert response.status_code == 413 and response.json()["detail"] == "Upload at most 8 files at once."
+    assert not files_named(marker)  # none kept
+    reliability.normal_job(client, good)
+
+
+def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
+    noise = encoded(Image.effect_noise((200, 160), 80).convert("RGB"), "PNG")  # about 100 KB
+    monkeypatch.setattr(guard, "CLIENT_STORAGE", int(len(noise) * 2.5))  # room for two
+
+    def send(address: str) -> httpx.Response:
+        return httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("noise.png", noise)}, timeout=60,
+                          headers={"x-forwarded-for": address})
+    statuses = [send("151.101.3.3").status_code for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    refusal = send("151.101.3.3").json()["detail"]
+    assert refusal.startswith("You have uploaded 0.2 MB in the last ") and "the most one visitor may store" in refusal
+    assert send("151.101.4.4").status_code == 200  # another visitor's allowance is their own
+    monkeypatch.undo()  # this test's uploads from here have used more than that already
+    reliability.normal_job(client, good)
+
+
+def test_an_upload_without_a_file_name_or_length_gets_a_clear_refusal(app, client, good):
+    for base in sorted({app.local_url, f"http://127.0.0.1:{app.server_port}/"}):  # through Node, and behind it
+        nameless = httpx.post(f"{base}gradio_api/upload", files={"files": ("", b"abc")}, timeout=60)
+        assert nameless.status_code == 400 and "file part" in nameless.json()["detail"]
+
+        def chunks():
+            yield b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\nabc\r\n--x--\r\n"
+        chunked = httpx.post(f"{base}gradio_api/upload", content=chunks(), timeout=60,
+                             headers={"content-type": "multipart/form-data; boundary=x"})
+        assert chunked.status_code == 411
+    reliability.normal_job(client, good)
+
+
+# --- the host's secrets and paths ----------------------------------------------------------------------------------
+
+def test_no_route_acts_with_the_hosts_hugging_face_token(app, monkeypatch):
+    """Gradio reads the host's own token in two places; no route of this app may reach either, whatever Host it
+    claims, through the Node server or straight to Python (where gradio's run history would)."""
+    import gradio.oauth
+    import gradio.workflow
+
+    used = []
+    for module, name in ((gradio.workflow, "hf_get_token"), (gradio.oauth, "get_token")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: used.append(1) or reliability.SECRET)
+    paths = sorted({route.path.replace("{", "").replace("}", "").replace(":path", "")
+                    for route in app.app.routes if hasattr(route, "methods")})
+    assert not [path for path in paths if "history" in path or path.endswith("/runs")]
+    for base in sorted({app.local_url, f"http://127.0.0.1:{app.server_port}/"}):
+        for path in [*paths, "/gradio_api/run-history/buckets", "/gradio_api/run-history/records?bucket=me/runs"]:
+            for method in ("GET", "POST"):
+                try:
+                    with httpx.stream(method, base.rstrip("/") + path, headers={"Host": "localhost"}, timeout=3,
+                                      json={} if method == "POST" else None) as response:
+                        body = next(response.iter_bytes(), b"")
+                except httpx.TimeoutException:  # an event stream that waits for events
+                    continue
+                assert reliability.SECRET.encode() not in body, path
+    assert not used
+
+
+def test_the_config_shows_no_install_path_and_analytics_are_off(app):
+    config = httpx.get(f"{app.local_url}config", timeout=30)
+    assert str(reliability.ROOT) not in config.text
+    assert config.json()["analytics_enabled"] is False
+
+
+def test_a_result_records_the_weights_kind_and_no_server_path(app, good):
+    done = reliability.browser_run(app.local_url, content=reliability.upload(app.local_url, good[0]),
+                                   style=reliability.upload(app.local_url, good[1]))
+    status, result = reliability.get(app.local_url, "/gradio_api/file=" + done["output"]["data"][0]["path"])
+    assert status == 200
+    with Image.open(io.BytesIO(result)) as png:
+        assert json.loads(png.text["stylize:settings"])["weights"] == "auto"
+        assert png.text["stylize:weights"] == "untrained"
+        reliability.assert_clean(" ".join(png.text.values()))

@@ -1,0 +1,39 @@
+"""A value a user sends may be anything, of any length: messages name the setting and echo the value briefly."""
+
+import pytest
+
+from stylize import Settings, SettingsError
+from stylize.settings import ECHO_LENGTH, knob
+
+HIGH = knob("size")["high"]
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (int("9" * 400), "9" * (ECHO_LENGTH - 1) + "…"),  # too large for a float: OverflowError
+    (1e308, "1e+308"),  # a float whose whole-number form has 309 digits
+    (-1e300, "-1e+300"),
+], ids=["400 digits", "1e308", "-1e300"])
+def test_a_huge_number_gets_the_range_message_with_a_short_echo(value, shown):
+    with pytest.raises(SettingsError) as error:
+        Settings(size=value)
+    assert str(error.value) == f"size must be between 64 and {HIGH}; got {shown}."
+
+
+@pytest.mark.parametrize(("settings", "start"), [
+    ({"size": "7" * 400}, "size must be a finite number, got '777"),  # float() makes it inf
+    ({"size": "x" * 10**6}, "size must be a number, got 'xxx"),
+    ({"optimizer": "y" * 10**6}, "optimizer must be one of lbfgs, adam; got 'yyy"),
+    ({"style_weights": "z" * 10**6}, "style_weights must be a list, got 'zzz"),
+    ({"seed": 1e100}, "seed must be between"),
+], ids=["400 digits as text", "junk", "choice", "list", "1e100"])
+def test_a_long_value_is_echoed_cut_short(settings, start):
+    with pytest.raises(SettingsError) as error:
+        Settings(**settings)
+    message = str(error.value)
+    assert message.startswith(start) and len(message) < 120, message
+
+
+def test_a_long_preset_name_is_echoed_cut_short():
+    with pytest.raises(SettingsError) as error:
+        Settings.from_preset("u" * 10**6, "cpu")
+    assert "got 'uuu" in str(error.value) and len(str(error.value)) < 120
