@@ -97,9 +97,9 @@ class Scale:
         """(rows, columns) of each tile in a pass; the grid moves by half a tile between passes."""
         if not self.tile:
             return [(slice(0, self.size[1]), slice(0, self.size[0]))]
-        shift = tile_pass * (self.tile - TILE_OVERLAP) // 2
-        return [(rows, columns) for rows in _spans(self.size[1], self.tile, shift)
-                for columns in _spans(self.size[0], self.tile, shift)]
+        shifted = tile_pass % 2 == 1
+        return [(rows, columns) for rows in _spans(self.size[1], self.tile, shifted)
+                for columns in _spans(self.size[0], self.tile, shifted)]
 
     @property
     def step_cost(self) -> int:
@@ -107,11 +107,13 @@ class Scale:
         return sum((r.stop - r.start) * (c.stop - c.start) for r, c in self.grid(0))
 
 
-def _spans(length: int, tile: int, shift: int) -> list[slice]:
-    """Overlapping spans of at most `tile` px along one axis: cuts every tile - overlap px from `shift`,
-    each span reaching half the overlap past its cuts (cuts too near an edge dropped)."""
-    step = tile - TILE_OVERLAP
-    cuts = [c for c in range(shift % step, length, step) if TILE_OVERLAP <= c <= length - TILE_OVERLAP]
+def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
+    """Overlapping spans of at most `tile` px along one axis: equal parts, each reaching half the overlap past
+    its ends; `shifted`, the cuts fall halfway between the unshifted ones (and the end parts are half parts)."""
+    if length <= tile:
+        return [slice(0, length)]
+    parts = math.ceil(length / (tile - TILE_OVERLAP))
+    cuts = [round(length * (k - 0.5 * shifted) / parts) for k in range(1, parts + shifted)]
     bounds = [0, *cuts, length]
     half = TILE_OVERLAP // 2
     return [slice(max(0, a - half), min(length, b + half)) for a, b in itertools.pairwise(bounds)]
@@ -146,10 +148,10 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16), from Linux's list of its features."""
     try:
-        with open("/proc/cpuinfo") as info:
+        with open(cpuinfo) as info:
             flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except OSError:
         return False
