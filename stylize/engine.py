@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from PIL import Image
 from . import images
 from .losses import content_loss, gram, style_loss, tv_loss
 from .settings import Settings, SettingsError
-from .vgg import Weights, feature_extractor, resolve_weights
+from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights
 
 START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
@@ -60,10 +61,11 @@ class Progress:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available[name]:
-            raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
         device = torch.device(name)
+        available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                     "mps": torch.backends.mps.is_available()}
+        if not available[device.type]:
+            raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif torch.backends.mps.is_available():
@@ -72,6 +74,11 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device("cpu")
     _configure(device.type)
     return device
+
+
+def gpu_names() -> list[str]:
+    """This machine's CUDA devices as device names ("cuda:0", "cuda:1", ...), for spreading runs over them."""
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 @functools.cache
@@ -171,6 +178,8 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
     device = pick_device(settings.device)
     check_memory(sizes[-1], device)
     weights = resolve_weights(settings.weights)
+    if weights.untrained:  # said now, before the work: a run can take minutes
+        warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=2)
     # Everything above raises now, at the call; the work itself starts at the first next().
     return _optimize(content, styles, blend, mask, init_image, settings, sizes, device, weights)
 

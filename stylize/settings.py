@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PRESERVE_COLORS = ("off", "luminance", "histogram")
 INITS = ("content", "noise")
 OPTIMIZERS = ("lbfgs", "adam")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N", one GPU of several
 
 # Output size and step count per quality preset, for the kind of device that
 # runs it. On a 2-core CPU "standard" takes about a minute (see bench/README.md).
@@ -85,8 +86,8 @@ class Settings:
                                                    help="One weight per style layer.")
     weights: str = _knob("auto", label="VGG19 weights",
                          help="auto (cache, then download), untrained, or a path to a weights file.")
-    device: str = _knob("auto", choices=DEVICES, label="Device",
-                        help="auto picks CUDA, then Apple MPS, then the CPU.")
+    device: str = _knob("auto", label="Device",
+                        help="auto picks CUDA, then Apple MPS, then the CPU; or name one: cpu, cuda, cuda:1, mps.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -95,6 +96,8 @@ class Settings:
         if len(self.style_layer_weights) != len(self.style_layers):
             raise SettingsError(f"style_layer_weights needs one weight per style layer "
                                 f"({len(self.style_layers)}), got {len(self.style_layer_weights)}.")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise SettingsError(f"device must be one of {', '.join(DEVICES)} or cuda:N; got {self.device!r}.")
         if not self.style_layers:
             raise SettingsError("style_layers must name at least one layer.")
         for layer in (self.content_layer, *self.style_layers):
@@ -160,9 +163,10 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
             raise SettingsError(f"{name} must be a whole number, got {value!r}.")
         number = int(number)
     if not low <= number <= high:
-        raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {_fmt(number)}.")
+        raise SettingsError(f"{name} must be between {format_number(low)} and {format_number(high)}; "
+                            f"got {format_number(number)}.")
     return number
 
 
-def _fmt(x: float) -> str:
+def format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
