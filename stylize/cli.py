@@ -26,8 +26,10 @@ FLAGS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stylize", description="Repaint a photo in the style of "
-                                "one or more artworks (neural style transfer on VGG19).")
+    installed = Path(sys.argv[0]).name == "stylize"  # the console command `pip install .` makes
+    p = argparse.ArgumentParser(prog="stylize" if installed else "python -m stylize",
+                                description="Repaint a photo in the style of one or more artworks "
+                                            "(neural style transfer on VGG19).")
     p.add_argument("content", nargs="?", help="the photo to repaint")
     p.add_argument("styles", nargs="*", metavar="style", help="one or more style images")
     p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
