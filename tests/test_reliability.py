@@ -277,7 +277,7 @@ NUMBERS = [
     ({"size": 100_000}, "size must be between 64 and 2048; got 100000"),
     ({"size": -64}, "size must be between 64 and 2048; got -64"),
     ({"size": "huge"}, "size must be a number, got 'huge'"),
-    ({"size": None}, "size must be a number, got None"),
+    ({"size": [512]}, "size must be a number, got [512]"),  # left out (None), size is the preset's
     ({"style_strength": -1}, "style_strength must be between 0 and 10; got -1"),
     ({"content_strength": 1e308}, "content_strength must be between 0 and 10"),
     ({"smoothing": True}, "smoothing must be a finite number, got True"),
