@@ -20,6 +20,7 @@ from PIL import Image
 
 import stylize.engine
 import stylize.ui
+import stylize.vgg
 from stylize.engine import scale_sizes, split_steps, work_done
 from stylize.images import MAX_BYTES
 from stylize.settings import knob
@@ -276,3 +277,9 @@ def test_link_previews_show_the_apps_title_description_and_picture(app):
     with Image.open(io.BytesIO(image.content)) as preview:
         assert preview.size == (1200, 630)  # the size link previews are drawn at
     assert "gradio_config" in page  # the app itself is untouched
+
+
+def test_the_server_log_says_at_start_up_that_it_runs_on_untrained_features(caplog):
+    with caplog.at_level(logging.WARNING, logger="stylize.ui"):
+        stylize.ui.build_demo()
+    assert [r.getMessage() for r in caplog.records] == [f"Degraded mode: {stylize.vgg.UNTRAINED_NOTE}"]
