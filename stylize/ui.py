@@ -219,7 +219,9 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
     stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
-    last = None
+    if stop.is_set():  # Stop was pressed while this run waited in the queue
+        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        return
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
@@ -231,13 +233,9 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
         styles = [_opened(style, "style artwork")] + [
             _opened(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles or [], start=1)]
         region = _painted_region(mask)
-        if stop.is_set():  # Stop was pressed while this run waited in the queue
-            yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
-            return
         with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
             time_left = TimeLeft()
-            for frame in run:
-                last = frame
+            for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
                 yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
@@ -248,13 +246,10 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
-    if last is None:
-        yield None, "Stopped before the first picture.", None, gr.skip(), gr.skip()
-        return
-    png = _save(last)
-    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if last.final else f", {_stopped_at(last)}")
+    png = _save(frame)
+    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
     history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
-    yield png, _ended(last), png, history, history
+    yield png, _ended(frame), png, history, history
 
 
 @dataclass(frozen=True)

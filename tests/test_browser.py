@@ -136,7 +136,7 @@ def test_a_file_that_is_no_image_as_the_photo_is_named_as_the_photo(page, tmp_pa
     assert "Starting" not in status and "queue" not in status and "Not finished" in status
 
 
-def test_in_queue_shows_only_when_someone_is_ahead(app, page):  # noqa: F811
+def test_in_queue_shows_only_when_someone_is_ahead_and_stop_works_there_too(app, page):  # noqa: F811
     page.evaluate("""() => { window.statuses = [];
         new MutationObserver(() => window.statuses.push(document.querySelector('#status').innerText))
             .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
@@ -155,8 +155,10 @@ def test_in_queue_shows_only_when_someone_is_ahead(app, page):  # noqa: F811
     page.evaluate("window.statuses = []")
     page.locator("#run").click()
     page.wait_for_function("() => window.statuses.some(s => s.includes('In queue'))")
+    page.locator("#stop").click()  # while waiting: the run ends as soon as its turn comes
     assert other.cancel()
-    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped before it started')")
+    page.wait_for_function("() => !document.querySelector('#run').disabled")
 
 
 def test_on_a_phone_the_result_comes_into_view_and_fits_the_picture(browser, app):  # noqa: F811
