@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image, ImageChops
+from starlette.middleware import Middleware  # gradio's web framework
 
 from .engine import gpu_names, pick_device, result_metadata, transfer
 from .images import MAX_BYTES, ImageError, load_image, save_png
@@ -464,7 +465,7 @@ def _describe_api(demo: gr.Blocks) -> None:
     gradio_client's view_api() and MCP tools. A size left out means the preset's size, so its default is none.
     gradio takes parameter descriptions only from a docstring (MCP) and from components, and defaults only from the
     controls' values, so the API description gradio builds is amended here, in this one place."""
-    helps = {name: knob(name)["help"] for name in ("size", "style_strength", "content_strength", "preserve_colors",
+    helps = {name: knob(name)["help"] for name in ("style_strength", "content_strength", "preserve_colors",
                                                      "style_scale", "optimizer", "seed", "smoothing")}
     helps |= {
         "content": "The photo to repaint (JPEG, PNG or WebP).",
@@ -504,9 +505,7 @@ class LinkPreview:
         self.app = app
 
     @classmethod
-    def middleware(cls) -> Any:
-        from starlette.middleware import Middleware  # gradio's web framework
-
+    def middleware(cls) -> Middleware:
         return Middleware(cls)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -522,20 +521,19 @@ class LinkPreview:
             body.extend(message.get("body", b""))
             if message.get("more_body"):
                 return
-            headers = dict(start["headers"])
             page = bytes(body)
-            if headers.get(b"content-type", b"").startswith(b"text/html"):
+            if dict(start["headers"]).get(b"content-type", b"").startswith(b"text/html"):
                 title = b"" if b"<title>" in page else f"<title>{TITLE}</title>\n".encode()  # else set by script
                 page = self.META.sub(b"", page).replace(b"</head>", title + self.tags(scope) + b"</head>", 1)
-            headers[b"content-length"] = str(len(page)).encode()
-            await send({**start, "headers": list(headers.items())})
+            headers = [(key, value) for key, value in start["headers"] if key.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(page)).encode())]})
             await send({"type": "http.response.body", "body": page})
 
         await self.app(scope, receive, rewritten)
 
     @staticmethod
     def tags(scope: dict) -> bytes:
-        headers = {key.decode().lower(): value.decode() for key, value in scope["headers"]}
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         scheme = headers.get("x-forwarded-proto", scope["scheme"])  # behind a proxy (a Space), as the user sees it
         host = headers.get("x-forwarded-host", headers.get("host", "localhost"))
         page = f"{scheme}://{host}{scope.get('root_path', '')}/"
