@@ -21,7 +21,7 @@ from gradio_client import Client, handle_file
 
 import stylize.engine
 import stylize.ui
-from stylize import Settings
+from stylize import Settings, SettingsError
 from stylize.settings import PRESET_NAMES, PRESETS, knob
 from stylize.ui import GpuShare
 
@@ -112,6 +112,18 @@ def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
         for client in clients:  # one after the other
             assert "Done" in client.predict(**inputs)[1]
         assert asked[2:] == ["cuda:0", "cuda:1"]
+
+
+def test_a_gpu_is_named_by_its_number(monkeypatch):
+    assert Settings(device="cuda:1").device == "cuda:1"
+    with pytest.raises(SettingsError, match="device must be one of auto, cpu, cuda, mps or cuda:N; got 'gpu1'"):
+        Settings(device="gpu1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert stylize.engine.gpu_names() == ["cuda:0", "cuda:1"]
+    assert stylize.engine.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(SettingsError, match="'cuda:2' is not available"):
+        stylize.engine.pick_device("cuda:2")
 
 
 def test_one_gpu_or_none_leaves_the_choice_to_the_engine(monkeypatch):

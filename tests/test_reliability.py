@@ -282,7 +282,7 @@ NUMBERS = [
     ({"content_strength": 1e308}, "content_strength must be between 0 and 10"),
     ({"smoothing": True}, "smoothing must be a finite number, got True"),
     ({"style_scale": 50}, "style_scale must be between 0.25 and 2; got 50"),
-    ({"seed": -1}, "seed must be between 0 and"),  # its top is shown as 2.14748e+09, see settings._fmt
+    ({"seed": -1}, "seed must be between 0 and"),  # its top is shown as 2.14748e+09, see settings.format_number
     ({"seed": 2.5}, "seed must be a whole number, got 2.5"),
     ({"preset": "ultra"}, "preset must be one of draft, standard, fine; got 'ultra'"),
     ({"optimizer": "sgd"}, "optimizer must be one of lbfgs, adam; got 'sgd'"),
