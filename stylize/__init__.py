@@ -4,6 +4,7 @@ picture in the style of another. Importable without gradio; the web UI lives in 
 from .engine import Progress, transfer
 from .images import ImageError, load_image
 from .settings import Settings, SettingsError
-from .vgg import WeightsError
+from .vgg import UntrainedWeightsWarning, WeightsError
 
-__all__ = ["ImageError", "Progress", "Settings", "SettingsError", "WeightsError", "load_image", "transfer"]
+__all__ = ["ImageError", "Progress", "Settings", "SettingsError", "UntrainedWeightsWarning", "WeightsError",
+           "load_image", "transfer"]

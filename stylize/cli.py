@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from tqdm import tqdm
 
 from .engine import pick_device, result_metadata, transfer
 from .images import ImageError, load_image, png_metadata, save_png
-from .settings import INITS, PRESET_NAMES, Settings, SettingsError, knob
-from .vgg import WeightsError
+from .settings import INITS, PRESET_NAMES, Settings, SettingsError, format_number, knob
+from .vgg import UntrainedWeightsWarning, WeightsError
 
 # CLI flag -> Settings field, for the flags that map one to one.
 FLAGS = {
@@ -25,13 +26,16 @@ FLAGS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stylize", description="Repaint a photo in the style of "
-                                "one or more artworks (neural style transfer on VGG19).")
+    installed = Path(sys.argv[0]).name == "stylize"  # the console command `pip install .` makes
+    p = argparse.ArgumentParser(prog="stylize" if installed else "python -m stylize",
+                                description="Repaint a photo in the style of one or more artworks "
+                                            "(neural style transfer on VGG19).")
     p.add_argument("content", nargs="?", help="the photo to repaint")
     p.add_argument("styles", nargs="*", metavar="style", help="one or more style images")
     p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
     p.add_argument("--from", dest="from_png", metavar="PNG",
-                   help="repeat the run recorded in a PNG this tool wrote (flags given here override it)")
+                   help="repeat the run recorded in a PNG this tool or the web app wrote (flags given here "
+                        "override it; for the web app's, give the photo and style images too)")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="quality preset: sets size and steps for this machine's device")
     for flag, name in FLAGS.items():
@@ -39,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         kind = {int: int, float: float, str: str, tuple: float}[type(info["default"])]
         p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=info["choices"],
                        nargs="+" if isinstance(info["default"], tuple) else None,
-                       help=f"{info['help']} (default: {_show(info['default'])})")
+                       help=f"{info['help']} ({_range(info)}default: {_show(info['default'])})")
     p.add_argument("--mask", metavar="PATH",
                    help="greyscale image over the photo: white = full style, black = keep the photo")
     p.add_argument("--init", metavar="{content,noise,PATH}", default=None,
@@ -66,12 +70,14 @@ def run(args: argparse.Namespace) -> None:
         recorded = _recorded_run(args.from_png)
     content_path = args.content or recorded.get("content")
     style_paths = args.styles or recorded.get("styles", [])
+    if recorded and not content_path:
+        raise SettingsError(f"{args.from_png} was made in the web app, which does not record file names; give the "
+                            f"photo and style images too: python -m stylize PHOTO STYLE --from {args.from_png}")
     if not content_path or not style_paths:
         raise SettingsError("Give a content image and at least one style image, or --from a PNG made by this tool.")
     mask_path = args.mask or recorded.get("mask")
-    init = args.init or recorded.get("init") or "content"
-
     settings = Settings.from_json(recorded["settings"]) if recorded else Settings()
+    init = args.init or recorded.get("init") or settings.init  # the web app records no init image, only its kind
     if args.preset:
         device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
         settings = Settings.from_preset(args.preset, device_kind, **{
@@ -87,7 +93,11 @@ def run(args: argparse.Namespace) -> None:
     mask = load_image(mask_path, "mask") if mask_path else None
     init_image = None if init in INITS else load_image(init, "init image")
 
-    stream = transfer(content, styles, settings, mask=mask, init_image=init_image)
+    with warnings.catch_warnings(record=True) as warned:  # said before the progress bar, not after the run
+        warnings.simplefilter("always", UntrainedWeightsWarning)
+        stream = transfer(content, styles, settings, mask=mask, init_image=init_image)
+    for warning in warned:
+        print(f"warning: {warning.message}", file=sys.stderr)
     with tqdm(total=settings.steps, unit="step", dynamic_ncols=True) as bar:
         for progress in stream:
             bar.update(progress.step - bar.n)
@@ -95,8 +105,6 @@ def run(args: argparse.Namespace) -> None:
     inputs = {"content": str(content_path), "styles": [str(p) for p in style_paths],
               "mask": mask_path and str(mask_path), "init": init}
     save_png(progress.image(), output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
-    if progress.note:
-        print(f"warning: {progress.note}", file=sys.stderr)
     print(f"wrote {output} ({progress.image().width}x{progress.image().height}, "
           f"{progress.elapsed:.1f} s, weights: {progress.weights})")
 
@@ -106,9 +114,17 @@ def _recorded_run(path: str) -> dict:
         text = png_metadata(path)
     except OSError:
         raise ImageError(f"Cannot read {path}; --from needs a PNG written by this tool.") from None
-    if "stylize:settings" not in text or "stylize:inputs" not in text:
-        raise ImageError(f"{path} carries no recorded run; --from needs a PNG written by this tool.")
-    return {"settings": text["stylize:settings"], **json.loads(text["stylize:inputs"])}
+    if "stylize:settings" not in text:
+        raise ImageError(f"{path} carries no recorded run; --from needs a PNG written by this tool or the web app.")
+    return {"settings": text["stylize:settings"], **json.loads(text.get("stylize:inputs", "{}"))}
+
+
+def _range(info: dict) -> str:
+    """ "64 to 2048; " for a numeric knob, "" for one with choices (argparse lists those) or none."""
+    if info["low"] is None:
+        return ""
+    each = "each " if isinstance(info["default"], tuple) else ""
+    return f"{each}{format_number(info['low'])} to {format_number(info['high'])}; "
 
 
 def _show(value: object) -> str:

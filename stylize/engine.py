@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,7 +35,7 @@ from .losses import (
     tv_loss,
 )
 from .settings import MIN_TILE_SIZE, Settings, SettingsError
-from .vgg import Weights, feature_extractor, resolve_weights, stride
+from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights, stride
 
 START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
@@ -64,6 +65,7 @@ class Progress:
     done: float  # share of the work done, 0 to 1 (a step costs the pixels it optimizes)
     losses: dict[str, float]
     weights: str  # "imagenet", "caffe" or "untrained"
+    device: str  # where it runs: "cpu", "cuda:0", "mps"
     precision: str  # the network's number format: "fp32", "bf16" or "fp16"
     note: str  # a warning for the user ("" when there is none), e.g. untrained weights
     tile: int  # 1-based index of the tile last optimized at a tiled scale; 0 where the scale is whole
@@ -121,10 +123,11 @@ def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available[name]:
-            raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
         device = torch.device(name)
+        available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                     "mps": torch.backends.mps.is_available()}
+        if not available[device.type]:
+            raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif torch.backends.mps.is_available():
@@ -156,6 +159,11 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_names() -> list[str]:
+    """This machine's CUDA devices as device names ("cuda:0", "cuda:1", ...), for spreading runs over them."""
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 @functools.cache
@@ -219,29 +227,32 @@ def split_steps(total: int, scales: int) -> list[int]:
     return counts
 
 
-def plan(image_size: tuple[int, int], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
-    """The scales of a transfer: size, steps, and tile side where a scale is optimized in tiles. Refuses a size
-    whose working memory would not fit, rather than be killed half-way."""
+def plan(image_size: tuple[int, int], settings: Settings) -> list[Scale]:
+    """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles."""
     sizes = scale_sizes(image_size, settings.size)[-settings.steps:]
+    return [Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
+            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True)]
+
+
+def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
+    """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
+    never); a size that does not fit even so is refused now rather than killed half-way."""
     free = free_memory(device)
     per_pixel = BYTES_PER_PIXEL[precision]
 
-    def tile_for(size: tuple[int, int]) -> int:
-        width, height = size
-        if settings.tile_size > 0:
-            return settings.tile_size if max(size) > settings.tile_size else 0
-        if free is None or per_pixel * width * height <= free:
-            return 0
+    def fitted(scale: Scale) -> Scale:
+        width, height = scale.size
+        if scale.tile or free is None or per_pixel * width * height <= free:
+            return scale
         side = math.isqrt(max(0, free - PICTURE_BYTES_PER_PIXEL * width * height) // per_pixel) // 16 * 16
         if settings.tile_size == 0 or side < MIN_TILE_SIZE:
             raise SettingsError(f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
                                 f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
                                 f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE
                                                             else "."))
-        return side
+        return replace(scale, tile=side)
 
-    return [Scale(size, steps, tile_for(size))
-            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True)]
+    return [fitted(scale) for scale in scales]
 
 
 def work_done(scales: list[Scale]) -> list[int]:
@@ -250,9 +261,9 @@ def work_done(scales: list[Scale]) -> list[int]:
 
 
 def job_work(content_size: tuple[int, int], settings: Settings) -> int:
-    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts."""
-    device = pick_device(settings.device)
-    return work_done(plan(content_size, settings, device, pick_precision(settings.precision, device)))[-1]
+    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts (tiles
+    that memory may call for, and their overlap, left out)."""
+    return work_done(plan(content_size, settings))[-1]
 
 
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
@@ -273,9 +284,11 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
         raise SettingsError("At least one style weight must be above zero.")
     device = pick_device(settings.device)
     precision = pick_precision(settings.precision, device)
-    scales = plan(content.size, settings, device, precision)
+    scales = fit_in_memory(plan(content.size, settings), settings, device, precision)
     weights = resolve_weights(settings.weights)
     style_layer_weights(settings, BALANCES[weights.kind])  # raises now for layers the balance has no weight for
+    if weights.untrained:  # said now, before the work: a run can take minutes
+        warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=2)
     # Everything above raises now, at the call; the work itself starts at the first next().
     return _optimize(content, styles, blend, mask, init_image, settings, scales, device, weights, precision)
 
@@ -323,7 +336,7 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
     started = time.perf_counter()
     last_preview = started
     record = functools.partial(Progress, total=settings.steps, scales=len(scales), weights=weights.kind,
-                               precision=precision, note=weights.note)
+                               device=str(device), precision=precision, note=weights.note)
     step = 0
     try:
         for index, scale in enumerate(scales, start=1):

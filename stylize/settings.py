@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PRESERVE_COLORS = ("off", "luminance", "histogram")
 INITS = ("content", "noise")
 OPTIMIZERS = ("lbfgs", "adam")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N", one GPU of several
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Output size and step count per quality preset, for the kind of device that
@@ -88,8 +89,8 @@ class Settings:
                                                         "the VGG19 weights in use, see losses.BALANCES).")
     weights: str = _knob("auto", label="VGG19 weights",
                          help="auto (cache, then download), untrained, or a path to a weights file.")
-    device: str = _knob("auto", choices=DEVICES, label="Device",
-                        help="auto picks CUDA, then Apple MPS, then the CPU.")
+    device: str = _knob("auto", label="Device",
+                        help="auto picks CUDA, then Apple MPS, then the CPU; or name one: cpu, cuda, cuda:1, mps.")
     precision: str = _knob("auto", choices=PRECISIONS, label="Precision",
                            help="Number format of the VGG19 network: auto picks bf16 where the CPU or GPU runs it "
                                 "natively, fp16 on other GPUs, else fp32. Statistics, optimizer and image stay fp32.")
@@ -106,6 +107,8 @@ class Settings:
                                 f"({len(self.style_layers)}), got {len(self.style_layer_weights)}.")
         if 0 < self.tile_size < MIN_TILE_SIZE:
             raise SettingsError(f"tile_size must be -1, 0 or at least {MIN_TILE_SIZE}; got {self.tile_size}.")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise SettingsError(f"device must be one of {', '.join(DEVICES)} or cuda:N; got {brief(self.device)}.")
         if not self.style_layers:
             raise SettingsError("style_layers must name at least one layer.")
         for layer in (self.content_layer, *self.style_layers):
@@ -165,8 +168,8 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
     except (TypeError, ValueError):
         raise SettingsError(f"{name} must be a number, got {brief(value)}.") from None
     except OverflowError:  # a whole number with hundreds of digits, too large for a float
-        raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {brief(value)}.") \
-            from None
+        raise SettingsError(f"{name} must be between {format_number(low)} and {format_number(high)}; "
+                            f"got {brief(value)}.") from None
     if isinstance(value, bool) or not math.isfinite(number):
         raise SettingsError(f"{name} must be a finite number, got {brief(value)}.")
     if type_name == "int":
@@ -174,11 +177,12 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
             raise SettingsError(f"{name} must be a whole number, got {brief(value)}.")
         number = int(number)
     if not low <= number <= high:
-        raise SettingsError(f"{name} must be between {_fmt(low)} and {_fmt(high)}; got {_fmt(number)}.")
+        raise SettingsError(f"{name} must be between {format_number(low)} and {format_number(high)}; "
+                            f"got {format_number(number)}.")
     return number
 
 
-def _fmt(x: float) -> str:
+def format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"  # 1e308 is not 309 digits
 
 

@@ -10,29 +10,35 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import html
+import itertools
+import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-from collections import deque
-from collections.abc import Iterator
-from contextlib import closing
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image, ImageChops
-from starlette.middleware import Middleware
+from starlette.middleware import Middleware  # gradio's web framework
 
 from . import guard
-from .engine import Progress, job_work, pick_device, result_metadata, transfer
+from .engine import gpu_names, job_work, pick_device, result_metadata, transfer
 from .images import MAX_BYTES, ImageError, image_size, load_image, load_opacity, save_png
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, brief, knob
-from .vgg import WeightsError, resolve_weights
+from .vgg import UntrainedWeightsWarning, WeightsError, resolve_weights
 
-try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere the package is absent.
+try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere it leaves the function as it is.
     from spaces import GPU
-except ImportError:
+except ImportError:  # the package is only there on Hugging Face Spaces (and where the tests install it)
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
 
@@ -41,21 +47,48 @@ except ImportError:
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "stylize"))
 
 Control = TypeVar("Control", bound=gr.components.Component)
+LOG = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
+PREVIEW_IMAGE = ASSETS / "preview.jpg"  # what a link to the app shows
+TITLE = "Stylize"
+DESCRIPTION = "Repaint a photo in the style of an artwork, and watch it happen."
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
+REGION = "Region: paint where the style goes (nothing painted: everywhere)"
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
+PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
+RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
+SSR_NODE_MAJOR = 24  # gradio 6.31's launch(): "ssr_mode ... requires Node 24+" (tests/test_ui.py keeps them equal)
 CSS = """
 #status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
                    overflow: hidden; background: var(--neutral-200); }
 #status progress::-webkit-progress-bar { background: var(--neutral-200); }
 #status progress::-webkit-progress-value { background: var(--primary-500); }
 #status progress::-moz-progress-bar { background: var(--primary-500); }
-#result img { width: 100%; height: 100%; object-fit: contain; }  /* every scale shown at the same size */
 #status p { margin: 0.25rem 0 0; font-variant-numeric: tabular-nums; }
 #notice { border-left: 4px solid #e8a33d; padding: 0.5rem 0.75rem; background: rgba(232, 163, 61, 0.12); }
+/* The result box takes the picture's shape (no empty bands around a landscape one on a phone); every scale
+   is shown at the same width. */
+#result .image-container { height: auto; min-height: 12rem; }
+#result .image-frame, #result img { width: 100%; }
+#result img { height: auto; max-height: 75vh; object-fit: contain; }
+#history .grid-wrap { padding-top: 2.25rem; }  /* the label floats over the thumbnails' first row */
 """
+# The status line is plain text (what an API caller gets); the page draws a progress bar from its "step N of M".
+STATUS_TEMPLATE = ("${/step \\d+ of \\d+/.test(value) ? `<progress value=\"${value.match(/step (\\d+) of/)[1]}\" "
+                   "max=\"${value.match(/step \\d+ of (\\d+)/)[1]}\"></progress>` : value.startsWith('Done') ? "
+                   "'<progress value=\"1\" max=\"1\"></progress>' : ''}<p>${value}</p>")
+# Bring the result into view when a run starts, with the Stop button: on a wide screen the result is at the top
+# of the page, on a narrow one (a phone) under the buttons, so the higher of the two goes to the top.
+SHOW_RESULT_JS = """() => {
+  const result = document.querySelector("#result").getBoundingClientRect();
+  if (result.top < 0 || result.bottom > window.innerHeight) {
+    const buttons = document.querySelector("#actions").getBoundingClientRect();
+    window.scrollBy({top: Math.min(result.top, buttons.top) - 8, behavior: "smooth"});
+  }
+}"""
+PRESS_STYLIZE_JS = "() => document.querySelector('#run').click()"  # an example runs as a Stylize press would
 
 
 @functools.cache
@@ -68,13 +101,16 @@ def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
+    if weights.untrained:  # said once, here, and on the page; not again in the log for every run
+        LOG.warning("Degraded mode: %s", weights.note)
+        warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)
     job_clock()  # times this server, before any user waits
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
-    with gr.Blocks(title="Stylize", delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
+    with gr.Blocks(title=TITLE, delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
                    analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true") as demo:
-        gr.Markdown("# Stylize\nRepaint a photo in the style of an artwork. Add both pictures "
-                    "(or click an example below), then press **Stylize**.")
+        gr.Markdown(f"# {TITLE}\n{DESCRIPTION} Add both pictures (or click an example below), then press "
+                    "**Stylize**.")
         if weights.untrained:
             gr.Markdown(f"**Degraded mode.** {weights.note}", elem_id="notice")
 
@@ -92,13 +128,13 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     style_strength = _slider("style_strength", step=0.1)
                     content_strength = _slider("content_strength", step=0.1)
-                with gr.Row():
+                with gr.Row(elem_id="actions"):
                     run = gr.Button("Stylize", variant="primary", elem_id="run")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
             with gr.Column(scale=2):
-                result = gr.Image(label="Result", interactive=False, height=480, buttons=["download", "fullscreen"],
+                result = gr.Image(label="Result", interactive=False, buttons=["download", "fullscreen"],
                                   elem_id="result")
-                status = gr.HTML(label="Status", elem_id="status")
+                status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
 
         with gr.Accordion("Advanced", open=False):
@@ -117,16 +153,19 @@ def build_demo() -> gr.Blocks:
                                                max_length=WEIGHTS_TEXT_LENGTH,
                                                info=knob("style_weights")["help"] + " The first is the style "
                                                "artwork's, then one per extra image, separated by commas.")
-                mask = _painting(gr.ImageEditor(
-                    {"background": None, "layers": [], "composite": None}, elem_id="mask",
-                    label="Region: paint where the style goes (nothing painted: everywhere)", type="pil",
-                    image_mode="RGBA", sources=[], transforms=[], layers=False,
-                    brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed")))
+                with gr.Column():
+                    # Said above the editor: its own label floats under its toolbar, which covers a long one.
+                    gr.Markdown(f"**{REGION}**", elem_id="mask-label")
+                    mask = _painting(gr.ImageEditor(
+                        {"background": None, "layers": [], "composite": None}, elem_id="mask", label=REGION,
+                        show_label=False, type="pil", image_mode="RGBA", sources=[], transforms=[], layers=False,
+                        brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed")))
 
-        gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
-                    [result, status, download], fn=example, cache_examples=True, cache_mode="lazy",
-                    label="Examples (click one; the first click computes it)")
+        examples = gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
+                               label="Examples (click one to run it with the quality chosen above)",
+                               api_visibility="private")
         history = gr.State([])
+        stop_flag = gr.State(None)  # a threading.Event per run: Stop sets it, the run ends at its next picture
         gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
                              interactive=False, elem_id="history")
 
@@ -134,36 +173,47 @@ def build_demo() -> gr.Blocks:
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
         content.change(lambda photo: photo, content, mask, **private)
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
-        started = run.click(_busy, None, [run, stop, download, status], **private)
+        examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
+
+        def busy() -> tuple:  # here, not at module level: it looks at this app's queue
+            return _busy(_someone_ahead(demo))
+
+        started = run.click(busy, None, [run, stop, download, status, stop_flag], js=SHOW_RESULT_JS, **private)
         job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
                                      style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
-                                     history],
+                                     history, stop_flag],
                            [result, status, download, gallery, history], api_name="stylize",
                            concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
-                           show_progress="minimal", show_progress_on=result)
+                           concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
-        job.failure(_idle, None, [run, stop], **private)
-        stop.click(lambda: gr.Button(interactive=False), None, stop, cancels=[job], **private)
+        job.failure(_failed, None, [run, stop, status], **private)
+        stop.click(_request_stop, stop_flag, stop, **private)
+    _describe_api(demo)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
 
 
 def launch_options() -> dict[str, Any]:
-    """Arguments for `demo.launch()`: the upload cap, the look, server-side rendering where Node allows it, and what
-    a public server needs (guard.py): the limits on requests and clients in front of the routes, the sweep of the
-    app's folder, and no run history (its routes call the Hub with the host's own token)."""
+    """Arguments for `demo.launch()`: the upload cap, the look, link previews, server-side rendering where gradio's
+    Node requirement is met (said once in the server's log, with why when it is not), and what a public server
+    needs (guard.py): the limits on requests and clients in front of the routes, the sweep of the app's folder,
+    and no run history (its routes call the Hub with the host's own token)."""
+    ssr, why = _ssr_check()
+    LOG.info("Server-side rendering: %s", "on" if ssr else f"off ({why})")
     folder = gr.utils.get_upload_folder()
-    return {"max_file_size": MAX_BYTES, "ssr_mode": ssr_available(), "css": CSS,
-            "theme": gr.themes.Soft(primary_hue="indigo"), "run_history": False,
+    return {"max_file_size": MAX_BYTES, "ssr_mode": ssr, "css": CSS, "theme": gr.themes.Soft(primary_hue="indigo"),
+            "run_history": False,
             "app_kwargs": {"lifespan": guard.sweeping(folder), "middleware": [
-                Middleware(guard.Guard, folder=folder, clients_in_line=_clients_in_line)]}}
+                Middleware(guard.Guard, folder=folder, clients_in_line=_clients_in_line),
+                LinkPreview.middleware()]}}
 
 
 @functools.cache
 def job_clock() -> guard.JobClock:
-    """This server's speed, timed once: what a job will cost before it starts."""
-    return guard.JobClock.measured()
+    """This server's speed: what a job will cost before it starts. Timed once on a CPU; on a GPU, which the app's
+    own process may not touch (ZeroGPU lends one to each run only), a guess until the first job measures it."""
+    return guard.JobClock.measured() if device_kind() == "cpu" else guard.JobClock(guard.GPU_SECONDS_PER_WORK)
 
 
 def _clients_in_line(app: Any) -> list[str]:
@@ -182,34 +232,49 @@ def _asset(name: str) -> str:
 
 
 def ssr_available() -> bool:
-    """Server-side rendering needs Node 20 or newer; GRADIO_SSR_MODE=false turns it off."""
+    """Whether the page can be rendered on the server: gradio's Node requirement met, GRADIO_SSR_MODE not false."""
+    return _ssr_check()[0]
+
+
+def _ssr_check() -> tuple[bool, str]:
+    if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false":
+        return False, "GRADIO_SSR_MODE=false"
     node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
-    if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false" or not node:
-        return False
+    if not node:
+        return False, f"no Node found; gradio needs Node {SSR_NODE_MAJOR} or newer"
     try:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
-        return int(version.strip().lstrip("v").split(".")[0]) >= 20
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        if int(version.lstrip("v").split(".")[0]) >= SSR_NODE_MAJOR:
+            return True, ""
+        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        return False
+        return False, f"{node} does not tell its version"
 
 
-def stylize(content: str | None, style: str | None, preset: str, size: float, style_strength: float,
+def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
             content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
             style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-            history: list | None = None) -> Iterator[tuple]:
-    """The /stylize endpoint: streams the picture and status line, then adds the result to the gallery."""
+            history: list | None = None, stop_flag: threading.Event | None = None) -> Iterator[tuple]:
+    """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
+    gives the result as a PNG that records its settings."""
+    stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
+    if stop.is_set():  # Stop was pressed while this run waited in the queue
+        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        return
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
         settings = Settings.from_preset(
-            preset, device_kind(), size=size, style_strength=style_strength, content_strength=content_strength,
-            preserve_colors=preserve_colors, style_scale=style_scale, style_weights=_numbers(style_weights),
-            optimizer=optimizer, seed=seed, smoothing=smoothing)
+            preset, device_kind(), **({} if size is None else {"size": size}), style_strength=style_strength,
+            content_strength=content_strength, preserve_colors=preserve_colors, style_scale=style_scale,
+            style_weights=_numbers(style_weights), optimizer=optimizer, seed=seed, smoothing=smoothing)
         photo, styles, region = _job_images(content, style, extra_styles or [], mask or [], settings, preset)
-        with closing(_run(photo, styles, settings, region)) as frames:
-            for picture, line in frames:
-                if isinstance(picture, Image.Image):
-                    yield picture, line, gr.skip(), gr.skip(), gr.skip()
+        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
+            time_left = TimeLeft()
+            for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
+                if frame.final or stop.is_set():
+                    break
+                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
     except (ImageError, SettingsError) as error:
         raise gr.Error(str(error)) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
@@ -217,16 +282,31 @@ def stylize(content: str | None, style: str | None, preset: str, size: float, st
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
-    history = [(picture, f"{PRESET_LABELS[preset]}, {settings.size} px")] + (history or [])[:HISTORY_LENGTH - 1]
-    yield picture, line, picture, history, history
+    png = _save(frame)
+    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
+    history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
+    yield png, _ended(frame), png, history, history
 
 
-def example(content: str, style: str) -> tuple:
-    """An example's output, computed with the standard preset on its first click and cached for everyone."""
-    frames = _run(load_image(content, "photo"), [load_image(style, "style artwork")],
-                  Settings.from_preset("standard", device_kind()), None)
-    picture, line = deque(frames, maxlen=1).pop()  # the last frame: the saved result
-    return picture, line, picture
+@dataclass(frozen=True)
+class Frame:
+    """One picture of a run and where the run stood, in plain values: on ZeroGPU the run happens in a process
+    of its own that holds the GPU, and what it yields is pickled back."""
+
+    picture: Image.Image  # at most PREVIEW_SIDE long while the run goes on; the final one at full size
+    size: tuple[int, int]  # (width, height) of the scale the run is at
+    step: int
+    total: int
+    scale: int
+    scales: int
+    tile: int  # the tile last optimized, at a scale made in tiles; else 0
+    tiles: int
+    elapsed: float
+    done: float  # share of the work done, 0 to 1
+    final: bool
+    device: str  # where it runs, "cpu" or "cuda:0", and in what number format, "bf16"
+    precision: str
+    metadata: dict[str, str]  # the PNG's text chunks: settings, weights, warning
 
 
 def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Settings, mask: Image.Image | None) -> int:
@@ -236,14 +316,17 @@ def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Sett
 
 @GPU(duration=_gpu_seconds)
 def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
-         mask: Image.Image | None) -> Iterator[tuple[Image.Image | str, str]]:
-    """Drive the engine: yields (preview, status) while it works, then (path of the result PNG, status)."""
+         mask: Image.Image | None) -> Iterator[Frame]:
+    """Drive the engine: a Frame for each preview, then the final one at full size."""
     steps = transfer(content, styles, settings, mask=mask)
     try:
         for progress in steps:
             if progress.final:  # this server's speed, measured again
                 job_clock().record(job_work(content.size, settings), progress.elapsed)
-            yield (_save(progress, settings) if progress.final else progress.image()), _status(progress)
+            yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
+                        progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
+                        progress.elapsed, progress.done, progress.final, progress.device, progress.precision,
+                        result_metadata(settings, progress))
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
         _return_freed_memory()
@@ -265,15 +348,66 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _status(progress: Progress) -> str:
-    width, height = progress.size
-    if progress.final:
-        text = f"Done in {_duration(progress.elapsed)}: {width}×{height} px, {progress.total} steps."
-    else:
-        left = progress.elapsed * (1 - progress.done) / progress.done
-        text = (f"Scale {progress.scale} of {progress.scales} ({width}×{height} px) · step {progress.step} of "
-                f"{progress.total} · {_duration(progress.elapsed)} elapsed · about {_duration(left)} left")
-    return f'<progress value="{progress.step}" max="{progress.total}"></progress><p>{text}</p>'
+class TimeLeft:
+    """Seconds a run has left. A step costs a fixed time plus a time per pixel (on a CPU mostly the second; on a
+    GPU, at small sizes, mostly the first): both are measured at the last two scales, each from its first picture
+    on (the scale's set-up comes before it, the run's start-up before the first), and price the steps to come.
+    Averaging over the whole run instead, start-up and set-ups included, gives estimates that jump."""
+
+    def __init__(self) -> None:
+        self.first: Frame | None = None  # the current scale's first frame
+        self.step_costs: dict[int, tuple[int, float]] = {}  # per scale: (pixels, seconds per step)
+        self.work = 0.0  # the run's work in pixel-steps, of which `done` is a share
+
+    def update(self, frame: Frame) -> float | None:
+        """The estimate after `frame`; None until a scale has shown two pictures."""
+        if self.first is None or frame.scale != self.first.scale:
+            self.first = frame
+        elif frame.step > self.first.step:
+            pixels, steps = frame.size[0] * frame.size[1], frame.step - self.first.step
+            self.step_costs[frame.scale] = (pixels, (frame.elapsed - self.first.elapsed) / steps)
+            self.work = pixels * steps / (frame.done - self.first.done)
+        if not self.step_costs:
+            return None
+        fixed, per_pixel = _step_cost(list(self.step_costs.values())[-2:])
+        return fixed * (frame.total - frame.step) + per_pixel * (1 - frame.done) * self.work
+
+
+def _step_cost(measured: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed, per pixel) seconds of a step: the line through two (pixels, seconds) measurements. With one, or
+    two that no such line fits (a busy machine's noise), all of the last one's time counts per pixel."""
+    pixels, seconds = measured[-1]
+    if len(measured) == 2:
+        per_pixel = (seconds - measured[0][1]) / (pixels - measured[0][0])
+        fixed = seconds - per_pixel * pixels
+        if per_pixel >= 0 and fixed >= 0:
+            return fixed, per_pixel
+    return 0.0, seconds / pixels
+
+
+def _running(frame: Frame, left: float | None) -> str:
+    width, height = frame.size
+    estimate = "estimating the time left" if left is None else f"about {_duration(5 * round(left / 5))} left"
+    tile = f", tile {frame.tile} of {frame.tiles}" if frame.tiles else ""
+    return (f"Scale {frame.scale} of {frame.scales} ({width}×{height} px{tile}) · step {frame.step} of "
+            f"{frame.total} · {_duration(frame.elapsed)} elapsed · {estimate} · {_hardware(frame)}")
+
+
+def _ended(frame: Frame) -> str:
+    width, height = frame.picture.size
+    if frame.final:
+        return f"Done in {_duration(frame.elapsed)}: {width}×{height} px, {frame.total} steps · {_hardware(frame)}."
+    return (f"{_stopped_at(frame).capitalize()} after {_duration(frame.elapsed)}: the picture so far, "
+            f"{width}×{height} px · {_hardware(frame)}.")
+
+
+def _hardware(frame: Frame) -> str:
+    """Where a run runs and in what number format, e.g. "CPU, bf16" or "CUDA:1, fp16"."""
+    return f"{frame.device.upper()}, {frame.precision}"
+
+
+def _stopped_at(frame: Frame) -> str:
+    return f"stopped at step {frame.step} of {frame.total}"
 
 
 def _duration(seconds: float) -> str:
@@ -281,13 +415,47 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
-def _save(progress: Progress, settings: Settings) -> str:
-    """Write the full-size result as a PNG with its settings embedded, where the server serves it from."""
+class GpuShare:
+    """Spreads the runs that go at once (STYLIZE_CONCURRENCY) over the server's GPUs: each run gets the GPU with
+    the fewest runs, taking them in turn when several are free, rather than all landing on the first. With one
+    GPU or none there is nothing to choose and the engine picks its device itself."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict[str, int] | None = None  # runs on each GPU; read from the machine at the first run
+        self.turn = itertools.count()
+
+    @contextmanager
+    def device(self) -> Iterator[str]:
+        with self.lock:
+            if self.runs is None:
+                self.runs = dict.fromkeys(gpu_names(), 0)
+            if len(self.runs) < 2:
+                name = "auto"
+            else:
+                names = list(self.runs)
+                start = next(self.turn) % len(names)
+                name = min(names[start:] + names[:start], key=self.runs.__getitem__)
+                self.runs[name] += 1
+        try:
+            yield name
+        finally:
+            if name != "auto":
+                with self.lock:
+                    self.runs[name] -= 1
+
+
+GPUS = GpuShare()
+
+
+def _save(frame: Frame) -> str:
+    """Write the picture as a PNG with its settings embedded, where the server serves it from."""
     folder = Path(gr.utils.get_upload_folder())
     folder.mkdir(parents=True, exist_ok=True)
     # A new folder of its own, made in one step: the sweep (guard.py) removes folders that stand empty.
     path = Path(tempfile.mkdtemp(prefix="result-", dir=folder)) / "stylized.png"
-    save_png(progress.image(), path, result_metadata(settings, progress))
+    stopped = {} if frame.final else {"stylize:stopped": _stopped_at(frame)}
+    save_png(frame.picture, path, {**frame.metadata, **stopped})
     return str(path)
 
 
@@ -345,13 +513,117 @@ def _uploaded(path: str, what: str) -> str:
     return path
 
 
-def _busy() -> tuple:
-    waiting = "<p>Starting… When others are ahead of you, your place in the queue shows on the result.</p>"
-    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting
+def _busy(someone_ahead: bool) -> tuple:
+    waiting = "In queue: others are ahead of you; your place shows on the result." if someone_ahead else "Starting…"
+    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, threading.Event()
+
+
+def _someone_ahead(demo: gr.Blocks) -> bool:
+    """Whether a run asked for now would wait: every worker busy, or others already waiting. gradio has no public
+    view of its queue, so this reads its internals, here only (tests/test_ui.py fails if they change)."""
+    queue = demo._queue.event_queue_per_concurrency_id.get(RUN_QUEUE)
+    return queue is not None and (bool(queue.queue) or queue.current_concurrency >= queue.concurrency_limit)
 
 
 def _idle() -> tuple:
     return gr.Button(interactive=True), gr.Button(interactive=False)
+
+
+def _failed() -> tuple:
+    return *_idle(), "Not finished: the message on the page says why."
+
+
+def _request_stop(stop_flag: threading.Event | None) -> gr.Button:
+    if stop_flag is not None:
+        stop_flag.set()
+    return gr.Button(interactive=False)
+
+
+def _describe_api(demo: gr.Blocks) -> None:
+    """The /stylize endpoint's documentation, from the same help texts as the page's controls: for the API page,
+    gradio_client's view_api() and MCP tools. A size left out means the preset's size, so its default is none.
+    gradio takes parameter descriptions only from a docstring (MCP) and from components, and defaults only from the
+    controls' values, so the API description gradio builds is amended here, in this one place."""
+    helps = {name: knob(name)["help"] for name in ("style_strength", "content_strength", "preserve_colors",
+                                                     "style_scale", "optimizer", "seed", "smoothing")}
+    helps |= {
+        "content": "The photo to repaint (JPEG, PNG or WebP).",
+        "style": "The artwork whose style is painted onto the photo.",
+        "preset": "Quality: " + "; ".join(f"{name}: {p['size']} px, {p['steps']} steps"
+                                          for name, p in PRESETS[device_kind()].items()) + ".",
+        "size": knob("size")["help"] + " Left out: the preset's size.",
+        "extra_styles": "More style images, blended with the style artwork.",
+        "style_weights": knob("style_weights")["help"] + " The first is the style artwork's, then one per extra "
+                                                         "image, separated by commas.",
+        "mask": "Where the style goes: the painted layers of an image editor value (nothing painted: everywhere).",
+    }
+    stylize.__doc__ = (stylize.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + "".join(
+        f"    {name}: {text}\n" for name, text in helps.items())
+    describe = demo.get_api_info
+
+    def get_api_info(*args: Any, **kwargs: Any) -> dict:
+        info = describe(*args, **kwargs)
+        for parameter in info["named_endpoints"].get("/stylize", {}).get("parameters", []):
+            parameter["python_type"]["description"] = helps[parameter["parameter_name"]]
+            if parameter["parameter_name"] == "size":
+                parameter["parameter_default"] = None
+        return info
+
+    demo.get_api_info = get_api_info
+
+
+class LinkPreview:
+    """Gives the page the title, description and picture that link previews show. gradio's page template starts
+    with fixed ones ("Gradio", a literal "{url}") that no setting reaches, and sets the title from a script, so
+    they are replaced in the HTML. With server-side rendering on, gradio's Node server writes the page, title
+    included, and this never sees it."""
+
+    META = re.compile(rb'\s*<meta\s+(?:property="og:|name="twitter:)[^>]*>', re.DOTALL)
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    @classmethod
+    def middleware(cls) -> Middleware:
+        return Middleware(cls)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"].rstrip("/") != "":
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        body = bytearray()
+
+        async def rewritten(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            page = bytes(body)
+            if dict(start["headers"]).get(b"content-type", b"").startswith(b"text/html"):
+                title = b"" if b"<title>" in page else f"<title>{TITLE}</title>\n".encode()  # else set by script
+                page = self.META.sub(b"", page).replace(b"</head>", title + self.tags(scope) + b"</head>", 1)
+            headers = [(key, value) for key, value in start["headers"] if key.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(page)).encode())]})
+            await send({"type": "http.response.body", "body": page})
+
+        await self.app(scope, receive, rewritten)
+
+    @staticmethod
+    def tags(scope: dict) -> bytes:
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        scheme = headers.get("x-forwarded-proto", scope["scheme"])  # behind a proxy (a Space), as the user sees it
+        host = headers.get("x-forwarded-host", headers.get("host", "localhost"))
+        page = f"{scheme}://{host}{scope.get('root_path', '')}/"
+        image = f"{page}gradio_api/file={PREVIEW_IMAGE}"
+        tags = [("property", "og:type", "website"), ("property", "og:url", page), ("property", "og:title", TITLE),
+                ("property", "og:description", DESCRIPTION), ("property", "og:image", image),
+                ("name", "twitter:card", "summary_large_image"), ("name", "twitter:title", TITLE),
+                ("name", "twitter:description", DESCRIPTION), ("name", "twitter:image", image),
+                ("name", "description", DESCRIPTION)]
+        return "".join(f'<meta {kind}="{key}" content="{html.escape(value)}" />\n'
+                       for kind, key, value in tags).encode()
 
 
 def _upload(label: str, elem_id: str) -> gr.Image:

@@ -48,6 +48,10 @@ class WeightsError(ValueError):
     """A weights file the user named cannot be used; the message says why."""
 
 
+class UntrainedWeightsWarning(UserWarning):
+    """A transfer runs on untrained features (the degraded mode); the message says why and how to fix it."""
+
+
 @dataclass(frozen=True)
 class Weights:
     kind: str  # "imagenet" (torchvision), "caffe" (BGR, 0-255, mean-subtracted) or "untrained"

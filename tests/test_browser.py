@@ -2,11 +2,14 @@
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from gradio_client import Client, handle_file
 from PIL import Image
 from test_ui import TEST_PRESETS, app  # noqa: F401 (the launched app is a fixture)
 
@@ -37,12 +40,8 @@ def page(browser, app):  # noqa: F811
     page.close()
 
 
-def test_upload_run_watch_stop_run_again_and_download(page, tmp_path):
-    page.locator("#content input[type=file]").set_input_files(ASSETS / "cat.jpg")
-    page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
-    page.wait_for_selector("#content img")
-    page.wait_for_selector("#style img")
-
+def test_upload_run_watch_stop_keep_the_picture_so_far_run_again_and_download(app, page, tmp_path):  # noqa: F811
+    upload_both(page)
     page.get_by_text("Fine", exact=True).click()  # the test's "fine" preset runs until it is stopped
     page.locator("#run").click()
     pictures = [_picture_changes(page, None)]
@@ -50,31 +49,34 @@ def test_upload_run_watch_stop_run_again_and_download(page, tmp_path):
         pictures.append(_picture_changes(page, pictures[-1]))
     assert page.locator("#run").is_disabled() and page.locator("#stop").is_enabled()
     assert "step" in page.locator("#status").inner_text()
+    step = int(page.locator("#status progress").get_attribute("value"))  # the page draws a bar from the text
+    assert step >= 1 and page.locator("#status progress").get_attribute("max") == str(TEST_PRESETS["fine"]["steps"])
+    successes = _success_rate(app)
 
     page.locator("#stop").click()
     page.wait_for_function("() => !document.querySelector('#run').disabled")
     assert page.locator("#stop").is_disabled()
-    assert page.locator("#result img").get_attribute("src")  # the last picture stays on the page
-    assert "Done" not in page.locator("#status").inner_text()
-    assert page.locator("#download").is_disabled()
+    status = page.locator("#status").inner_text()
+    assert re.search(r"Stopped at step \d+ of 5000", status), status  # not the last time left, frozen
+    with _download(page, tmp_path / "stopped.png") as png:  # the picture so far, as a PNG with its settings
+        assert png.text["stylize:stopped"] == re.search(r"stopped at step \d+ of \d+", status.lower()).group()
+        assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["fine"]["steps"]
+    assert page.locator("#history img").count() == 1  # and in the gallery
+    assert "stopp" in page.locator("#history").inner_text()
+    assert _success_rate(app) >= (successes or 1)  # a stopped run is not counted as a failure on the API page
 
     page.get_by_text("Fast draft", exact=True).click()
     page.locator("#run").click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
-    with page.expect_download() as download:
-        page.locator("#download").click()
-    assert download.value.suggested_filename == "stylized.png"
-    download.value.save_as(tmp_path / "result.png")
-    with Image.open(tmp_path / "result.png") as png:
+    with _download(page, tmp_path / "result.png") as png:
         assert png.format == "PNG" and max(png.size) == TEST_PRESETS["draft"]["size"]  # set by the preset
         assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["draft"]["steps"]
-    assert page.locator("#history img").count() == 1  # this session's gallery
+        assert "stylize:stopped" not in png.text
+    assert page.locator("#history img").count() == 2  # this session's gallery
 
 
 def test_the_style_goes_only_where_the_region_is_painted(page):
-    page.locator("#content input[type=file]").set_input_files(ASSETS / "cat.jpg")
-    page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
-    page.wait_for_selector("#content img")
+    upload_both(page)
     page.get_by_text("Advanced").click()
     page.wait_for_selector("#mask button[aria-label=Undo]:not([disabled])")  # the photo is in the editor
     page.locator("#mask button[aria-label=Brush]").click()
@@ -99,12 +101,104 @@ def test_the_style_goes_only_where_the_region_is_painted(page):
     assert change[:third].mean() > 3  # painted: restyled
 
 
-def test_an_example_works_with_one_click(page):
+def test_an_example_runs_like_a_stylize_press_with_the_chosen_quality(page, tmp_path):
+    page.get_by_text("Fine", exact=True).click()
     page.locator("table tbody tr").first.click()
+    pictures = [_picture_changes(page, None)]
+    pictures.append(_picture_changes(page, pictures[-1]))  # streamed
+    assert page.locator("#content img").count() == 1 and page.locator("#style img").count() == 1  # filled in
+    assert page.locator("#stop").is_enabled()  # stoppable
+    page.locator("#stop").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped at step')")
+    assert "Fine" in page.locator("#history").inner_text()
+
+    page.get_by_text("Fast draft", exact=True).click()
+    page.locator("table tbody tr").nth(1).click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
-    assert page.locator("#result img").count() == 1
-    assert page.locator("#content img").count() == 1 and page.locator("#style img").count() == 1
-    page.wait_for_function("() => !document.querySelector('#download').disabled")  # it holds the result
+    draft = TEST_PRESETS["draft"]
+    assert f"{draft['steps']} steps" in page.locator("#status").inner_text()  # what ran, as it ran
+    with _download(page, tmp_path / "example.png") as png:
+        assert max(png.size) == draft["size"] and json.loads(png.text["stylize:settings"])["steps"] == draft["steps"]
+    assert page.locator("#history img").count() == 2
+    assert f"Fast draft, {draft['size']} px" in page.locator("#history").inner_text()
+
+
+def test_a_file_that_is_no_image_as_the_photo_is_named_as_the_photo(page, tmp_path):
+    (tmp_path / "notes.jpg").write_text("shopping list")
+    page.locator("#content input[type=file]").set_input_files(tmp_path / "notes.jpg")
+    page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#style img")
+    page.locator("#run").click()
+    page.get_by_text("The photo is not an image this app can read").first.wait_for()
+    page.wait_for_function("() => !document.querySelector('#run').disabled")
+    assert "painted region" not in page.locator("body").inner_text()
+    status = page.locator("#status").inner_text()
+    assert "Starting" not in status and "queue" not in status and "Not finished" in status
+
+
+def test_in_queue_shows_only_when_someone_is_ahead_and_stop_works_there_too(app, page):  # noqa: F811
+    page.evaluate("""() => { window.statuses = [];
+        new MutationObserver(() => window.statuses.push(document.querySelector('#status').innerText))
+            .observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true}); }""")
+    upload_both(page)
+    page.get_by_text("Fast draft", exact=True).click()
+    page.locator("#run").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    statuses = page.evaluate("window.statuses")
+    assert any("Starting" in status for status in statuses)
+    assert not any("queue" in status for status in statuses)  # nobody was ahead
+
+    other = Client(app.local_url, verbose=False).submit(content=handle_file(str(ASSETS / "cat.jpg")),
+                                                      style=handle_file(str(ASSETS / "dots.jpg")), preset="fine",
+                                                      api_name="/stylize")
+    next(iter(other))  # someone else's run has the one worker
+    page.evaluate("window.statuses = []")
+    page.locator("#run").click()
+    page.wait_for_function("() => window.statuses.some(s => s.includes('In queue'))")
+    page.locator("#stop").click()  # while waiting: the run ends as soon as its turn comes
+    assert other.cancel()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped before it started')")
+    page.wait_for_function("() => !document.querySelector('#run').disabled")
+
+
+def test_on_a_phone_the_result_comes_into_view_and_fits_the_picture(browser, app):  # noqa: F811
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    phone.set_default_timeout(60_000)
+    phone.goto(app.local_url)
+    phone.wait_for_selector("#run")
+    upload_both(phone)
+    phone.get_by_text("Fine", exact=True).tap()
+    phone.locator("#run").tap()
+    _picture_changes(phone, None)
+    in_view = """() => ['#result', '#stop', '#status'].every(id => { const box = document.querySelector(id)
+        .getBoundingClientRect(); return box.top >= 0 && box.bottom <= window.innerHeight; })"""
+    phone.wait_for_function(in_view)  # scrolled there: after Stylize the result, Stop and the status are in view
+    frame = phone.locator("#result .image-container").bounding_box()
+    picture = phone.locator("#result img").bounding_box()
+    assert picture["width"] > 0.9 * frame["width"]  # the landscape picture fills the box's width...
+    assert frame["height"] - picture["height"] < 0.1 * frame["height"]  # ...and the box its height: no bands
+    phone.locator("#stop").tap()
+    phone.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')")
+    phone.close()
+
+
+def test_no_label_is_covered(page):
+    upload_both(page)
+    page.get_by_text("Advanced").click()
+    page.wait_for_selector("#mask button[aria-label=Undo]:not([disabled])")  # the photo is in the editor
+    label = page.locator("#mask-label").bounding_box()
+    for button in page.locator("#mask button").all():
+        box = button.bounding_box()
+        if box and box["width"]:
+            assert not _overlap(label, box), "the editor's toolbar covers its label"
+    assert page.evaluate("() => { const p = document.querySelector('#mask-label p');"
+                         " return p.scrollWidth <= p.clientWidth; }")  # all of it shown, none cut off
+
+    page.get_by_text("Fast draft", exact=True).click()
+    page.locator("#run").click()
+    page.wait_for_selector("#history img")
+    assert not _overlap(page.locator("#history label").first.bounding_box(),
+                        page.locator("#history .thumbnail-item").first.bounding_box())
 
 
 def test_a_mistake_shows_what_to_do_and_leaves_the_page_usable(page):
@@ -117,6 +211,34 @@ def test_a_mistake_shows_what_to_do_and_leaves_the_page_usable(page):
 def test_the_page_says_when_it_runs_on_untrained_features(page):
     notice = page.locator("#notice").inner_text()
     assert "untrained" in notice and "STYLIZE_WEIGHTS" in notice
+
+
+def upload_both(page) -> None:
+    page.locator("#content input[type=file]").set_input_files(ASSETS / "cat.jpg")
+    page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#content img")
+    page.wait_for_selector("#style img")
+
+
+def _download(page, path: Path) -> Image.Image:
+    """Press Download PNG and open what it gives."""
+    page.wait_for_function("() => !document.querySelector('#download').disabled")
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    assert download.value.suggested_filename == "stylized.png"
+    download.value.save_as(path)
+    return Image.open(path)
+
+
+def _success_rate(app) -> float | None:  # noqa: F811
+    """What the API page shows for /stylize: gradio's share of its runs that did not fail (None before any)."""
+    summary = httpx.get(f"http://127.0.0.1:{app.server_port}/monitoring/summary", timeout=30).json()
+    return summary["functions"].get("stylize", {}).get("success_rate")
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
 
 
 def _picture_changes(page, previous: str | None) -> str:

@@ -8,9 +8,11 @@ import pytest
 from conftest import artwork, photo
 from PIL import Image
 
-from stylize import Settings
-from stylize.cli import main
-from stylize.images import png_metadata
+from stylize import Settings, load_image, transfer
+from stylize.cli import FLAGS, main
+from stylize.engine import result_metadata
+from stylize.images import png_metadata, save_png
+from stylize.settings import format_number, knob
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +103,43 @@ def test_bad_input_gives_one_line_and_exit_code_2(inputs, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_shows_each_flags_range(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, name in FLAGS.items():
+        info = knob(name)
+        if info["low"] is not None:
+            assert f"{format_number(info['low'])} to {format_number(info['high'])}" in text, flag
+    assert "{off,luminance,histogram}" in text and "{lbfgs,adam}" in text  # choices are listed by argparse
+
+
+def test_the_untrained_warning_comes_before_the_work(inputs, capfd):
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(inputs / "out.png"),
+                 "--size", "64", "--steps", "3"]) == 0
+    err = capfd.readouterr().err
+    assert err.startswith("warning: Running on untrained VGG19 features"), err[:200]
+    assert err.count("warning:") == 1
+
+
+def test_from_accepts_a_png_saved_by_the_web_app(inputs):
+    """The web app records the settings, not its uploads' names: the photo and style come from the command line."""
+    settings = Settings(size=80, steps=10, init="noise", seed=5, style_strength=2)
+    final = list(transfer(load_image(inputs / "photo.jpg"), load_image(inputs / "art.png"), settings))[-1]
+    web = inputs / "stylized.png"
+    save_png(final.image(), web, result_metadata(settings, final))  # what the web app's download holds
+
+    again = inputs / "again.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(web), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(web)), np.asarray(Image.open(again)))
+    assert Settings.from_json(png_metadata(again)["stylize:settings"]) == Settings.from_json(
+        png_metadata(web)["stylize:settings"])
+
+
+def test_from_a_web_app_png_without_pictures_says_to_give_them(inputs, capsys):
+    web = inputs / "stylized.png"
+    save_png(Image.new("RGB", (32, 32)), web, {"stylize:settings": Settings().to_json()})
+    assert main(["--from", str(web), "-o", str(inputs / "out.png")]) == 2
+    assert "give the photo and style images too" in capsys.readouterr().err

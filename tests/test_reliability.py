@@ -277,12 +277,12 @@ NUMBERS = [
     ({"size": 100_000}, "size must be between 64 and 8192; got 100000"),
     ({"size": -64}, "size must be between 64 and 8192; got -64"),
     ({"size": "huge"}, "size must be a number, got 'huge'"),
-    ({"size": None}, "size must be a number, got None"),
+    ({"size": [512]}, "size must be a number, got [512]"),  # left out (None), size is the preset's
     ({"style_strength": -1}, "style_strength must be between 0 and 10; got -1"),
     ({"content_strength": 1e308}, "content_strength must be between 0 and 10"),
     ({"smoothing": True}, "smoothing must be a finite number, got True"),
     ({"style_scale": 50}, "style_scale must be between 0.25 and 2; got 50"),
-    ({"seed": -1}, "seed must be between 0 and"),  # its top is shown as 2.14748e+09, see settings._fmt
+    ({"seed": -1}, "seed must be between 0 and"),  # its top is shown as 2.14748e+09, see settings.format_number
     ({"seed": 2.5}, "seed must be a whole number, got 2.5"),
     ({"preset": "ultra"}, "preset must be one of draft, standard, fine; got 'ultra'"),
     ({"optimizer": "sgd"}, "optimizer must be one of lbfgs, adam; got 'sgd'"),

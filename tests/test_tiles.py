@@ -10,7 +10,7 @@ from conftest import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer
-from stylize.engine import TILE_OVERLAP, Scale, _gaussians, _spans, plan
+from stylize.engine import TILE_OVERLAP, Scale, _gaussians, _spans, fit_in_memory, plan
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")
@@ -39,19 +39,20 @@ def test_the_grid_moves_between_passes():
 def test_only_what_does_not_fit_is_tiled(monkeypatch):
     settings = Settings(size=2048, steps=100)
     monkeypatch.setattr("stylize.engine.free_memory", lambda device: 3 * 2**30)
-    scales = plan((4000, 3000), settings, CPU, "bf16")
+    scales = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16")
     assert scales[0].tile == 0 and scales[-1].tile >= 512  # small scales whole, the largest in tiles
     assert all(scale.tile == 0 or scale.tile < max(scale.size) for scale in scales)
     monkeypatch.setattr("stylize.engine.free_memory", lambda device: 64 * 2**30)
-    assert all(scale.tile == 0 for scale in plan((4000, 3000), settings, CPU, "bf16"))
+    assert all(scale.tile == 0 for scale in fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16"))
 
 
 def test_tile_size_asks_for_tiles_or_forbids_them(monkeypatch):
-    scales = plan((400, 300), Settings(size=400, steps=40, tile_size=256), CPU, "fp32")
+    scales = plan((400, 300), Settings(size=400, steps=40, tile_size=256))
     assert [scale.tile for scale in scales] == [0, 0, 0, 256, 256]  # up to 256 px whole, then tiled
     monkeypatch.setattr("stylize.engine.free_memory", lambda device: 2**30)
+    never = Settings(size=4096, tile_size=0)
     with pytest.raises(SettingsError, match="choose a smaller size or let it be made in tiles"):
-        plan((4000, 3000), Settings(size=4096, tile_size=0), CPU, "bf16")
+        fit_in_memory(plan((4000, 3000), never), never, CPU, "bf16")
     with pytest.raises(SettingsError, match="tile_size must be -1, 0 or at least 256"):
         Settings(tile_size=100)
 

@@ -1,9 +1,14 @@
 """The web app, driven through gradio_client against a server launched in-process as app.py launches it."""
 
+import io
+import itertools
 import json
+import logging
+import re
 import stat
 import urllib.request
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -15,8 +20,11 @@ from PIL import Image
 
 import stylize.engine
 import stylize.ui
+import stylize.vgg
+from stylize.engine import Scale, scale_sizes, split_steps, work_done
 from stylize.images import MAX_BYTES
-from stylize.ui import launch_options, ssr_available
+from stylize.settings import knob
+from stylize.ui import SSR_NODE_MAJOR, Frame, TimeLeft, launch_options, ssr_available
 
 # Small presets so a run takes seconds: "fine" runs until it is stopped.
 TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
@@ -66,6 +74,7 @@ def test_a_run_streams_several_pictures_then_the_final_png(client, photo, art, m
     assert len(previews) >= 3
     assert len({picture for picture, *_ in previews}) >= 3  # the picture changes as it goes
     assert all("step" in status and "left" in status for _, status, *_ in previews)
+    assert not any("<" in status for _, status, *_ in outputs)  # plain text for API callers; the page draws the bar
 
     picture, status, download, gallery = final
     assert "Done" in status
@@ -116,12 +125,69 @@ def test_the_advanced_settings_reach_the_engine(client, photo, art, tmp_path):
     assert change[56:].mean() < change[:40].mean() / 3  # styled where painted, the photo elsewhere
 
 
-def test_an_example_works_with_one_click(client):
-    picture, status, download = client.predict(0, api_name="/load_example")
-    assert "Done" in status and download == picture
+def test_a_preset_without_a_size_sets_the_size(client, photo, art):
+    picture, status, download, gallery = client.predict(content=photo, style=art, preset="draft", api_name="/stylize")
+    draft = TEST_PRESETS["draft"]["size"]
     with Image.open(picture) as png:
-        assert max(png.size) == TEST_PRESETS["standard"]["size"]
-    assert client.predict(0, api_name="/load_example")[0].endswith("stylized.png")  # now from the cache
+        assert max(png.size) == draft and json.loads(png.text["stylize:settings"])["size"] == draft
+    assert gallery[0]["caption"] == f"Fast draft, {draft} px"
+    picture, *_ = client.predict(content=photo, style=art, preset="draft", size=96, api_name="/stylize")
+    with Image.open(picture) as png:
+        assert max(png.size) == 96  # a size given wins over the preset's
+
+
+def test_the_api_describes_its_parameters_with_the_apps_help_texts(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert list(api["named_endpoints"]) == ["/stylize"]  # the examples and the page's buttons are not API
+    parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/stylize"]["parameters"]}
+    for name in ("style_strength", "content_strength", "preserve_colors", "style_scale", "optimizer", "seed",
+                 "smoothing"):
+        assert parameters[name]["python_type"]["description"] == knob(name)["help"], name
+    assert parameters["size"]["python_type"]["description"].startswith(knob("size")["help"])
+    assert parameters["size"]["parameter_has_default"] and parameters["size"]["parameter_default"] is None
+    assert "photo" in parameters["content"]["python_type"]["description"]
+
+
+def test_someone_is_ahead_only_while_the_worker_is_busy(app, client, photo, art, engine_runs):
+    """The status says "In queue" from this reading of gradio's queue; it breaks if gradio's internals change."""
+    assert not stylize.ui._someone_ahead(app)
+    endless = client.submit(content=photo, style=art, preset="fine", api_name="/stylize")
+    next(iter(endless))  # running: the one worker is busy
+    assert stylize.ui._someone_ahead(app)
+    assert endless.cancel()
+    assert engine_runs[0]["closed"].wait(timeout=30)
+    wait_until(lambda: not stylize.ui._someone_ahead(app), what="the worker to be free")
+
+
+def made_up_run(fixed: float, per_pixel: float) -> list[Frame]:
+    """The frames of a 250-step run at 512 px where a step takes `fixed` + `per_pixel` x pixels seconds and
+    each scale's set-up as long as two of its steps."""
+    sizes = scale_sizes((512, 341), 512)
+    scales = [Scale(size, count, tile=0) for size, count in zip(sizes, split_steps(250, len(sizes)), strict=True)]
+    work = work_done(scales)
+    elapsed, step, frames = 0.0, 0, []
+    for number, scale in enumerate(scales, start=1):
+        width, height = scale.size
+        elapsed += 2 * (fixed + per_pixel * width * height)
+        for _ in range(scale.steps):
+            elapsed += fixed + per_pixel * width * height
+            step += 1
+            frames.append(Frame(Image.new("RGB", scale.size), scale.size, step, 250, number, len(scales), 0, 0,
+                                elapsed, work[step - 1] / work[-1], step == 250, "cpu", "bf16", {}))
+    return frames
+
+
+@pytest.mark.parametrize(("fixed", "per_pixel"), [(0.01, 4e-6), (0.03, 2e-8)], ids=["like a CPU", "like a GPU"])
+def test_the_time_left_settles_on_the_truth_and_does_not_jump(fixed, per_pixel):
+    run, time_left = made_up_run(fixed, per_pixel), TimeLeft()
+    estimates = [time_left.update(frame) for frame in run]
+    assert estimates[0] is None  # no guess before there is a speed to go by
+    second_scale = next(i for i, frame in enumerate(run) if frame.scale == 2) + 2
+    for frame, left in list(zip(run, estimates, strict=True))[second_scale:]:
+        truth = run[-1].elapsed - frame.elapsed
+        assert abs(left - truth) <= 0.2 * truth + 1, (frame.step, left, truth)
+    shown = [left for left in estimates if left is not None]
+    assert all(later <= 1.05 * earlier + 0.5 for earlier, later in itertools.pairwise(shown))  # it only goes down
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -163,8 +229,13 @@ def test_the_first_html_already_carries_the_app(app):
         assert 'class="gradio-container' in html  # rendered by the Node server, not left for the browser
 
 
-@pytest.mark.parametrize(("version", "expected"), [("v18.19.0", False), ("v20.11.1", True), ("v24.0.0", True)])
-def test_server_side_rendering_needs_node_20(monkeypatch, tmp_path, version, expected):
+def test_the_node_version_asked_for_is_gradios():
+    assert f"requires Node {SSR_NODE_MAJOR}+" in " ".join(gr.Blocks.launch.__doc__.split())
+
+
+@pytest.mark.parametrize(("version", "expected"), [("v20.11.1", False), ("v22.3.0", False), ("v24.0.0", True),
+                                                   ("v25.1.0", True)])
+def test_server_side_rendering_needs_the_node_gradio_asks_for(monkeypatch, tmp_path, version, expected):
     node = tmp_path / "node"
     node.write_text(f"#!/bin/sh\necho {version}\n")
     node.chmod(node.stat().st_mode | stat.S_IEXEC)
@@ -180,3 +251,36 @@ def test_without_node_the_app_renders_in_the_browser(monkeypatch, tmp_path):
     monkeypatch.delenv("GRADIO_NODE_PATH", raising=False)
     assert ssr_available() is False
     assert launch_options()["ssr_mode"] is False
+
+
+def test_the_log_says_once_whether_the_page_is_server_rendered(monkeypatch, tmp_path, caplog):
+    node = tmp_path / "node"
+    node.write_text("#!/bin/sh\necho v20.11.1\n")
+    node.chmod(node.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("GRADIO_NODE_PATH", str(node))
+    monkeypatch.delenv("GRADIO_SSR_MODE", raising=False)
+    with caplog.at_level(logging.INFO, logger="stylize.ui"):
+        launch_options()
+    said = [r.getMessage() for r in caplog.records if "Server-side rendering" in r.getMessage()]
+    assert said == [f"Server-side rendering: off (Node v20.11.1 found; gradio needs Node {SSR_NODE_MAJOR} or newer)"]
+
+
+def test_link_previews_show_the_apps_title_description_and_picture(app):
+    """The page as the Python server serves it (with server-side rendering, gradio's Node server writes its own)."""
+    page = httpx.get(f"http://127.0.0.1:{app.server_port}/", timeout=30).text
+    meta = dict(re.findall(r'<meta (?:property|name)="((?:og|twitter):[a-z]+)" content="([^"]*)"', page))
+    assert meta["og:title"] == meta["twitter:title"] == "Stylize"
+    assert meta["og:description"] == stylize.ui.DESCRIPTION
+    assert "{url}" not in page and 'content="Gradio"' not in page
+    assert len(re.findall(r'property="og:title"', page)) == 1  # ours only: a preview takes the first it finds
+    image = httpx.get(meta["og:image"], timeout=30)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(image.content)) as preview:
+        assert preview.size == (1200, 630)  # the size link previews are drawn at
+    assert "gradio_config" in page  # the app itself is untouched
+
+
+def test_the_server_log_says_at_start_up_that_it_runs_on_untrained_features(caplog):
+    with caplog.at_level(logging.WARNING, logger="stylize.ui"):
+        stylize.ui.build_demo()
+    assert [r.getMessage() for r in caplog.records] == [f"Degraded mode: {stylize.vgg.UNTRAINED_NOTE}"]

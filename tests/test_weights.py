@@ -1,10 +1,11 @@
 import urllib.error
+import warnings
 
 import pytest
 import torch
 from torchvision.models import vgg19
 
-from stylize import Settings, WeightsError, transfer
+from stylize import Settings, UntrainedWeightsWarning, WeightsError, transfer
 from stylize.vgg import CAFFE_FEATURE_SCALE, LAYER_NAMES, VGGFeatures, resolve_weights
 
 LAYERS = ("relu1_1", "relu2_1")
@@ -101,3 +102,19 @@ def test_the_environment_variable_chooses_the_weights(tmp_path, monkeypatch, con
     monkeypatch.setenv("STYLIZE_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsError, match="not found"):
         list(transfer(content_image, style_image, Settings(size=64, steps=3)))
+
+
+def test_the_python_api_warns_of_untrained_features_before_the_work(content_image, style_image):
+    with pytest.warns(UntrainedWeightsWarning, match="untrained VGG19 features") as warned:
+        steps = transfer(content_image, style_image, Settings(size=64, steps=3))  # not started yet
+    ours = [warning for warning in warned if warning.category is UntrainedWeightsWarning]
+    assert len(ours) == 1 and ours[0].filename == __file__  # said once, pointing at the caller's line
+    steps.close()
+
+
+def test_trained_weights_give_no_warning(tmp_path, content_image, style_image):
+    path = tmp_path / "vgg19.pth"
+    torch.save({f"features.{k}": v for k, v in vgg19().features.state_dict().items()}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedWeightsWarning)
+        list(transfer(content_image, style_image, Settings(size=64, steps=2, weights=str(path))))

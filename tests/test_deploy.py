@@ -1,0 +1,177 @@
+"""Deploying: ZeroGPU's `spaces` package and its rules, a server with several GPUs, the MCP tool, and the
+README's instructions (its Python example runs; its preset sizes are the app's)."""
+
+import contextlib
+import inspect
+import io
+import os
+import pickle
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import artwork, live_app, photo
+from gradio_client import Client, handle_file
+
+import stylize.engine
+import stylize.ui
+from stylize import Settings, SettingsError
+from stylize.settings import PRESET_NAMES, PRESETS, knob
+from stylize.ui import GpuShare
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 64, "steps": 8}, "fine": {"size": 64, "steps": 5000}}
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    photo(128, 96).save(folder / "photo.jpg")
+    artwork().save(folder / "painting.jpg")
+    return str(folder / "photo.jpg"), str(folder / "painting.jpg")
+
+
+# --- ZeroGPU ------------------------------------------------------------------------------------
+
+def test_the_real_spaces_package_decorates_the_run():
+    """With `spaces` installed (as on every Space), its GPU decorator is the one in use; outside ZeroGPU it
+    leaves the run a plain generator, so the app's other tests (build, stream, stop) run through it."""
+    spaces = pytest.importorskip("spaces")
+    assert stylize.ui.GPU is spaces.GPU
+    assert inspect.isgeneratorfunction(stylize.ui._run)
+
+
+BUILD_WITH_FAKE_CUDA = """
+import runpy, torch
+
+def refuse(*args, **kwargs):
+    raise SystemExit("CUDA was initialised while building the app")
+
+torch.cuda.is_available = lambda: True  # as on ZeroGPU, where `spaces` says so to the main process
+torch.cuda.device_count = lambda: 1
+torch.cuda._lazy_init = refuse  # what any CUDA tensor, memory query or device context calls first
+torch.cuda.init = refuse
+runpy.run_path("app.py")  # builds the app as a Space does, without launching it
+
+import stylize.ui
+print("built for", stylize.ui.device_kind())
+"""
+
+
+def test_building_the_app_initialises_no_cuda():
+    """ZeroGPU's rule: nothing CUDA at start-up (the main process has no GPU; runs borrow one)."""
+    result = subprocess.run([sys.executable, "-c", BUILD_WITH_FAKE_CUDA], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "built for gpu" in result.stdout  # it took CUDA to be there, without touching it
+
+
+def test_what_a_run_sends_back_pickles():
+    """ZeroGPU runs the GPU function in a process of its own and pickles what it yields."""
+    run = stylize.ui._run(photo(), [artwork()], Settings(size=64, steps=6), None)
+    frames = [pickle.loads(pickle.dumps(frame)) for frame in run]
+    assert len(frames) >= 2 and frames[-1].final and not any(frame.final for frame in frames[:-1])
+    assert frames[-1].picture.size == (64, 48) and "stylize:settings" in frames[-1].metadata
+
+
+# --- several GPUs -------------------------------------------------------------------------------
+
+def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
+    """STYLIZE_CONCURRENCY=2 on a machine that says it has two GPUs: the two runs that go at once go to different
+    ones, and runs one after the other take them in turn. (The runs themselves go on this machine's CPU.)"""
+    with live_app(SMALL, tmp_path, STYLIZE_CONCURRENCY="2") as app:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(stylize.ui, "GPUS", GpuShare())
+        asked, started, gate = [], threading.Condition(), threading.Event()
+        real = stylize.engine.transfer
+
+        def on_the_cpu(content, styles, settings, **kwargs):
+            with started:
+                asked.append(settings.device)
+                started.notify_all()
+            assert gate.wait(timeout=120)
+            return real(content, styles, replace(settings, device="cpu"), **kwargs)
+
+        monkeypatch.setattr(stylize.ui, "transfer", on_the_cpu)
+        clients = [Client(app.local_url, verbose=False) for _ in range(2)]
+        inputs = {"content": handle_file(pictures[0]), "style": handle_file(pictures[1]), "preset": "draft",
+                  "api_name": "/stylize"}
+        jobs = [client.submit(**inputs) for client in clients]
+        with started:
+            assert started.wait_for(lambda: len(asked) == 2, timeout=60)  # both at once
+        gate.set()
+        assert all("Done" in job.result(timeout=120)[1] for job in jobs)
+        assert sorted(asked) == ["cuda:0", "cuda:1"]
+        for client in clients:  # one after the other
+            assert "Done" in client.predict(**inputs)[1]
+        assert asked[2:] == ["cuda:0", "cuda:1"]
+
+
+def test_a_gpu_is_named_by_its_number(monkeypatch):
+    assert Settings(device="cuda:1").device == "cuda:1"
+    with pytest.raises(SettingsError, match="device must be one of auto, cpu, cuda, mps or cuda:N; got 'gpu1'"):
+        Settings(device="gpu1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert stylize.engine.gpu_names() == ["cuda:0", "cuda:1"]
+    assert stylize.engine.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(SettingsError, match="'cuda:2' is not available"):
+        stylize.engine.pick_device("cuda:2")
+
+
+def test_one_gpu_or_none_leaves_the_choice_to_the_engine(monkeypatch):
+    monkeypatch.setattr(stylize.ui, "gpu_names", lambda: ["cuda:0"])
+    share = GpuShare()
+    with share.device() as first, share.device() as second:
+        assert first == second == "auto"
+
+
+# --- MCP ----------------------------------------------------------------------------------------
+
+def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
+    pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
+    with live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true") as app:
+        tools = httpx.get(f"{app.local_url}gradio_api/mcp/schema", timeout=60).json()
+    assert [tool["name"] for tool in tools] == ["stylize"]  # nothing else of the page is a tool
+    schema = tools[0]["inputSchema"]
+    assert tools[0]["description"].startswith("Repaint a photo in the style of an artwork.")
+    assert schema["required"] == ["content", "style"]
+    for name in ("style_strength", "content_strength", "style_scale", "seed", "smoothing"):
+        assert schema["properties"][name]["description"] == knob(name)["help"], name
+    assert "preset's size" in schema["properties"]["size"]["description"]
+
+
+# --- the README ---------------------------------------------------------------------------------
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_python_example_works(tmp_path, pictures):
+    code = re.search(r"```python\n(.*?)```", readme_section("Use it from Python / over HTTP"), re.DOTALL).group(1)
+    with live_app(SMALL, tmp_path) as app:
+        code = code.replace("http://127.0.0.1:7860/", app.local_url)
+        code = code.replace('"photo.jpg"', repr(pictures[0])).replace('"painting.jpg"', repr(pictures[1]))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(code, {})
+    *statuses, png = printed.getvalue().splitlines()
+    assert any("step" in status for status in statuses) and "Done" in statuses[-1]
+    with open(png, "rb") as result:
+        assert result.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_readmes_preset_sizes_are_the_apps():
+    rows = {row.split("|")[1].strip().split(" ")[0]: row for row in readme_section(
+        "Deploy on Hugging Face Spaces").splitlines() if row.startswith("| ") and " px |" in row}
+    for hardware, kind in (("CPU", "cpu"), ("GPU", "gpu"), ("ZeroGPU", "gpu")):
+        sizes = " / ".join(str(PRESETS[kind][name]["size"]) for name in PRESET_NAMES)
+        assert f"| {sizes} px |" in rows[hardware], hardware
