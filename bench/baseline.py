@@ -1,11 +1,13 @@
-"""The plain textbook baseline: single scale, L-BFGS, Gram style loss, VGG19 cut after relu5_1.
+"""The plain textbook baseline: one scale, L-BFGS, float32, VGG19 cut after relu5_1.
 
-Written the way tutorials write it, on its own code: torchvision's vgg19().features
-(seed-0 initialisation, the same untrained weights the engine uses with
-weights="untrained"), content at relu4_2, style at relu1_1..relu5_1, and
-torch.optim.LBFGS with its defaults started from the content photo. Only the
-loss balance is the engine's (relative per-layer errors, CONTENT_BASE and
-TV_BASE), so both optimize the same objective and only the method differs.
+Written the way tutorials write it: torchvision's vgg19().features (seed-0 initialisation,
+the same untrained weights the engine uses with weights="untrained", the first convolution
+padding by replication as the reference's does), content at relu4_2, style at
+relu1_1..relu5_1, and torch.optim.LBFGS started from the content photo. The objective is
+the engine's own (stylize.losses: the reference objective with the untrained balance), so
+both optimize the same thing and only the method differs. L-BFGS runs without its default
+tolerances and sees the loss in units of its value at the photo (as the engine's optimizer does):
+its curvature test and tolerances are absolute, and untrained features' losses are small.
 
 `python bench/baseline.py` runs it alone and prints its loss curve.
 """
@@ -21,20 +23,21 @@ import torchvision
 from common import load_pair, machine_header
 
 from stylize.engine import pick_device
+from stylize.losses import BALANCES, StyleTarget, content_loss, gaussian, style_loss, tv_loss
 
 STYLE_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}
 CONTENT_LAYER = ("relu4_2", 22)
-CONTENT_WEIGHT = 0.05  # the engine's CONTENT_BASE at content strength 1
-TV_WEIGHT = 1e-2  # the engine's TV_BASE at smoothing 1
+BALANCE = BALANCES["untrained"]  # the engine's, at strength 1, for the weights both run on
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
 def textbook_vgg(device: torch.device) -> torch.nn.Module:
-    """VGG19 features up to relu5_1 with seed-0 (untrained) weights."""
+    """VGG19 features up to relu5_1 with seed-0 (untrained) weights, the first convolution padding by replication."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = torchvision.models.vgg19().features[:30]
+    net[0].padding_mode = "replicate"
     return net.eval().requires_grad_(False).to(device)
 
 
@@ -51,32 +54,22 @@ def features(net: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def gram(f: torch.Tensor) -> torch.Tensor:
-    flat = f.flatten(2)
-    return flat @ flat.transpose(1, 2) / flat.shape[2]
-
-
-def relative(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (value - target).square().mean() / (target.square().mean() + 1e-8)
-
-
 class BaselineLoss:
-    """The baseline's objective, with targets for one content and one style image at one size."""
+    """The objective, with targets for one content and one style image at one size."""
 
     def __init__(self, net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor):
         self.net = net
         with torch.no_grad():
             self.content_target = features(net, content)[CONTENT_LAYER[0]]
             style_features = features(net, style)
-            self.style_targets = {name: gram(style_features[name]) for name in STYLE_LAYERS}
+            self.style_targets = {name: StyleTarget.of(gaussian(style_features[name])) for name in STYLE_LAYERS}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         f = features(self.net, image)
-        content = relative(f[CONTENT_LAYER[0]], self.content_target)
-        style = sum(relative(gram(f[name]), self.style_targets[name]) for name in STYLE_LAYERS) / len(STYLE_LAYERS)
-        tv = ((image[..., :, 1:] - image[..., :, :-1]).square().mean()
-              + (image[..., 1:, :] - image[..., :-1, :]).square().mean())
-        return CONTENT_WEIGHT * content + style + TV_WEIGHT * tv
+        style = sum(BALANCE.style_layers[name] * style_loss(f[name], self.style_targets[name])
+                    for name in STYLE_LAYERS)
+        return (BALANCE.content * content_loss(f[CONTENT_LAYER[0]], self.content_target) + style
+                + BALANCE.tv * tv_loss(image))
 
     @torch.no_grad()
     def value(self, image: torch.Tensor) -> float:
@@ -95,16 +88,19 @@ def run_baseline(net: torch.nn.Module, content: torch.Tensor, style: torch.Tenso
     started = time.perf_counter()
     loss_fn = BaselineLoss(net, content, style)
     x = content.clone(memory_format=torch.contiguous_format).requires_grad_(True)
-    optimizer = torch.optim.LBFGS([x], max_iter=steps)
+    optimizer = torch.optim.LBFGS([x], max_iter=steps, tolerance_grad=-1, tolerance_change=-1)
+    unit: list[float] = []  # the loss at the photo: L-BFGS sees the loss in its units, as the engine's does
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         loss = loss_fn(x)
-        loss.backward()
+        if not unit:
+            unit.append(loss.item())
+        (loss / unit[0]).backward()
         if on_step is not None:
             value = loss.item()  # synchronizes on a GPU
             on_step(time.perf_counter() - started, value, x.detach())
-        return loss
+        return loss.detach() / unit[0]
 
     optimizer.step(closure)
     return x.detach().clamp(0, 1)

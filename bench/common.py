@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from stylize import Progress, Settings, load_image, transfer  # noqa: E402
-from stylize.engine import cpu_budget, pick_device  # noqa: E402
+from stylize.engine import cpu_budget, pick_device, pick_precision  # noqa: E402
 from stylize.images import fit, to_tensor  # noqa: E402
 from stylize.settings import STYLE_LAYERS  # noqa: E402
 from stylize.vgg import feature_extractor  # noqa: E402
@@ -54,8 +54,8 @@ def machine_header(device: torch.device) -> str:
     where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"# {datetime.date.today()}  {platform.node()}  nproc={os.cpu_count()} budget={cpu_budget()}  "
-            f"device={device.type} ({where})  torch {torch.__version__}  threads={torch.get_num_threads()}  "
-            f"load avg {load}")
+            f"device={device.type} ({where})  auto precision={pick_precision('auto', device)}  "
+            f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg {load}")
 
 
 def load_images(content: str = CONTENT, style: str = STYLE) -> tuple[Image.Image, Image.Image]:
@@ -73,10 +73,10 @@ def engine_settings(device: torch.device, **overrides: object) -> Settings:
     return Settings(**{"weights": "untrained", "device": device.type, **overrides})
 
 
-def engine_vgg(device: torch.device) -> torch.nn.Module:
+def engine_vgg(device: torch.device, precision: str = "auto") -> torch.nn.Module:
     """The engine's VGG19 feature extractor with its default layers and untrained weights, as transfer() gets it."""
     settings = engine_settings(device)
-    return feature_extractor(settings.layers, settings.weights, str(device))
+    return feature_extractor(settings.layers, settings.weights, str(device), pick_precision(precision, device))
 
 
 def load_engine_weights(device: torch.device) -> float:

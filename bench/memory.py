@@ -35,12 +35,12 @@ GIB = 2**30
 LBFGS_HISTORY = 100  # torch.optim.LBFGS's default history_size
 
 
-def child(method: str, size: int, steps: int, device: torch.device) -> dict[str, float]:
+def child(method: str, size: int, steps: int, tile: int, device: torch.device) -> dict[str, float]:
     if method == "baseline":
         net = textbook_vgg(device)
         content, style = load_pair(size, device)
     else:
-        settings = engine_settings(device, size=size, steps=steps)
+        settings = engine_settings(device, size=size, steps=steps, tile_size=tile)
         load_engine_weights(device)
         content, style = load_images()
     reset = reset_peak(device)
@@ -77,8 +77,9 @@ def peak(device: torch.device, reset: bool) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
 
 
-def measure(method: str, size: int, steps: int, device: str) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", method, str(size), str(steps), "--device", device]
+def measure(method: str, size: int, steps: int, device: str, tile: int = 0) -> dict[str, float]:
+    """Peak memory and seconds of one run in a fresh process; the engine untiled unless `tile` (its tile_size)."""
+    command = [sys.executable, __file__, "--child", method, str(size), str(steps), str(tile), "--device", device]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"peak": math.nan, "seconds": math.nan, "error": done.stderr.strip().splitlines()[-1:]}
@@ -98,12 +99,12 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--quick", action="store_true", help="256 and 512 px only")
     p.add_argument("--device", default="auto")
-    p.add_argument("--child", nargs=3, metavar=("METHOD", "SIZE", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("METHOD", "SIZE", "STEPS", "TILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = pick_device(args.device)
     if args.child:
-        method, size, steps = args.child
-        print(json.dumps(child(method, int(size), int(steps), device)))
+        method, size, steps, tile = args.child
+        print(json.dumps(child(method, int(size), int(steps), int(tile), device)))
         return
     if args.quick:
         args.sizes = [256, 512]

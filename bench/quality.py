@@ -1,4 +1,4 @@
-"""Time to reach the baseline's final loss, measured with the baseline's own loss function.
+"""Time to reach the baseline's final loss, measured with the baseline's loss function (float32).
 
 The baseline runs its steps at full size; its final (clamped) image's loss is the bar.
 Every few baseline iterates are kept and scored clamped too (the unclamped iterates of
@@ -24,13 +24,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import common
 import torch
 from baseline import BaselineLoss, run_baseline, textbook_vgg
 from common import (
     EngineRun,
     engine_settings,
-    engine_vgg,
     load_images,
     load_pair,
     run_engine,
@@ -38,8 +36,8 @@ from common import (
     table,
 )
 
-from stylize import Settings, engine, losses
-from stylize.engine import CONTENT_BASE, TV_BASE, scale_sizes, split_steps, work_done
+from stylize import Settings, engine
+from stylize.engine import plan, work_done
 from stylize.images import resize
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
@@ -57,21 +55,6 @@ class Result:
     final_seconds: float
     final_loss: float
     final_cpu: float = math.nan
-
-
-def check_same_objective(net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor) -> float:
-    """Relative difference between the baseline's loss and the engine's, on one image (should be ~1e-7)."""
-    vgg = engine_vgg(content.device)
-    image = (0.7 * content + 0.3 * torch.rand_like(content, device="cpu").to(content.device)).clamp(0, 1)
-    with torch.no_grad():
-        f = vgg(image)
-        photo, art = vgg(content), vgg(style)
-        grams = {name: losses.gram(art[name]) for name in common.STYLE_LAYERS}
-        ours = (CONTENT_BASE * losses.content_loss(f["relu4_2"], photo["relu4_2"])
-                + losses.style_loss(f, grams, dict.fromkeys(common.STYLE_LAYERS, 1.0))
-                + TV_BASE * losses.tv_loss(image)).item()
-    theirs = BaselineLoss(net, content, style).value(image)
-    return abs(ours - theirs) / abs(ours)
 
 
 def first_at_bar(name: str, points: list[Point], bar: float) -> Result:
@@ -104,9 +87,8 @@ def run_baseline_scored(net: torch.nn.Module, content: torch.Tensor, style: torc
 def score_engine(name: str, run: EngineRun, settings: Settings, image_size: tuple[int, int],
                  loss: BaselineLoss, full: tuple[int, int], bar: float) -> tuple[Result, list[Point]]:
     """Score every Progress image; call inside the same engine constants as the run (scales depend on them)."""
-    sizes = scale_sizes(image_size, settings.size)[-settings.steps:]
     # In full-size step equivalents: a step at a scale costs that scale's pixels over the full size's.
-    work = [pixels / (full[0] * full[1]) for pixels in work_done(sizes, split_steps(settings.steps, len(sizes)))]
+    work = [pixels / (full[0] * full[1]) for pixels in work_done(plan(image_size, settings))]
     points = [(p.step, work[p.step - 1], t, c, loss.value(resize(p.pixels, full)))
               for p, t, c in zip(run.records, run.times, run.cpu_times, strict=True)]
     return first_at_bar(name, points, bar), points
@@ -117,9 +99,6 @@ def measure(device: torch.device, size: int, baseline_steps: int, variants: list
     content_image, style_image = load_images()
     content, style = load_pair(size, device)
     net = textbook_vgg(device)
-    print(f"objective check: baseline vs engine loss, relative difference "
-          f"{check_same_objective(net, content, style):.1e}", flush=True)
-
     loss = BaselineLoss(net, content, style)
     saved = OUT / f"baseline_{device.type}_{size}_{baseline_steps}.json"
     if reuse and saved.exists():
@@ -165,7 +144,7 @@ def parse_variant(text: str) -> tuple[dict[str, object], dict[str, float]]:
         key, value = item.split(":")
         if key.isupper():
             constants[key] = float(value) if "." in value or "e" in value else int(value)
-        elif key in ("optimizer", "init", "preserve_colors"):
+        elif key in ("optimizer", "init", "preserve_colors", "precision"):
             settings[key] = value
         else:
             settings[key] = int(value) if key in ("steps", "size", "seed") else float(value)

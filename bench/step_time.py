@@ -1,13 +1,15 @@
-"""Seconds per optimization step, and the share of a step spent outside VGG's forward/backward.
+"""Seconds per optimization step for each precision of the network, the share of a step spent outside
+VGG19's forward/backward, and what the style loss costs.
 
-Three things are timed, interleaved in rounds so that a noisy machine hits all alike:
-- bare: the engine's VGG19 forward and backward alone (no losses, no optimizer);
-- baseline: one L-BFGS evaluation of the textbook method (bench/baseline.py);
-- engine: one step of stylize.transfer, pinned to a single scale (START_SIDE set to the
-  size for the run) so every step is at the measured size; timed from the Progress stream,
-  so target set-up is excluded and preview production is included.
-Overhead = step / bare - 1. On CUDA a precision table (FP32, TF32, BF16/FP16 autocast) is
-added; on CPU a thread-count table. --profile prints torch.profiler's view of engine steps.
+Three things are timed per size and precision, interleaved in rounds so that a noisy machine hits all alike:
+- bare: the engine's VGG19 forward and backward alone in that precision (no losses, no optimizer);
+- baseline: one L-BFGS evaluation of the textbook method (bench/baseline.py, float32);
+- engine: one step of stylize.transfer in that precision, pinned to a single scale (START_SIDE set to the
+  size for the run) so every step is at the measured size; timed from the Progress stream, so target
+  set-up is excluded and preview production is included.
+Outside the network = 1 - bare / engine step. The style loss table times the five layers' Wasserstein
+losses with their backward on a picture's activations (float32, as the engine computes them), against
+the step. On CPU a thread-count table follows. --profile prints torch.profiler's view of engine steps.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from baseline import BaselineLoss, run_baseline, textbook_vgg
+from baseline import run_baseline, textbook_vgg
 from common import (
     engine_settings,
     engine_vgg,
@@ -33,6 +35,8 @@ from common import (
 
 from stylize import engine
 from stylize.engine import cpu_budget
+from stylize.losses import StyleTarget, gaussian, style_loss
+from stylize.settings import STYLE_LAYERS
 
 
 @contextmanager
@@ -44,6 +48,11 @@ def single_scale(side: int) -> Iterator[None]:
         yield
     finally:
         engine.START_SIDE = saved
+
+
+def precisions(device: torch.device) -> list[str]:
+    """The precisions worth timing here: float32, bfloat16, and float16 on a GPU (too slow on CPUs to matter)."""
+    return ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
 
 def bare_seconds(vgg: torch.nn.Module, image: torch.Tensor, passes: int) -> float:
@@ -64,28 +73,59 @@ def baseline_seconds(net: torch.nn.Module, content: torch.Tensor, style: torch.T
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def engine_seconds(size: int, steps: int, device: torch.device) -> float:
+def engine_seconds(size: int, steps: int, device: torch.device, precision: str) -> float:
     content, style = load_images()
     with single_scale(size):
-        run = run_engine(content, style, engine_settings(device, size=size, steps=steps + 1), device)
+        run = run_engine(content, style, engine_settings(device, size=size, steps=steps + 1, precision=precision),
+                         device)
     return run.step_seconds(scale=1)
 
 
 def measure(device: torch.device, sizes: list[int], steps: int, rounds: int) -> list[list[object]]:
-    vgg = engine_vgg(device)
     net = textbook_vgg(device)
     rows = []
     for size in sizes:
         content, style = load_pair(size, device)
-        samples: dict[str, list[float]] = {"bare": [], "baseline": [], "engine": []}
+        samples: dict[str, list[float]] = {"baseline": []}
         for _ in range(rounds):
-            samples["bare"].append(bare_seconds(vgg, content, steps))
             samples["baseline"].append(baseline_seconds(net, content, style, steps))
-            samples["engine"].append(engine_seconds(size, steps, device))
-        bare, base, ours = (statistics.median(samples[k]) for k in ("bare", "baseline", "engine"))
+            for precision in precisions(device):
+                samples.setdefault(f"bare {precision}", []).append(
+                    bare_seconds(engine_vgg(device, precision), content, steps))
+                samples.setdefault(precision, []).append(engine_seconds(size, steps, device, precision))
+        median = {name: statistics.median(values) for name, values in samples.items()}
         h, w = content.shape[-2:]
-        rows.append([f"{w}x{h}", bare, base, f"{base / bare - 1:+.1%}", ours, f"{ours / bare - 1:+.1%}",
-                     f"{ours / base:.3f}"])
+        for precision in precisions(device):
+            bare, ours = median[f"bare {precision}"], median[precision]
+            rows.append([f"{w}x{h}", precision, bare, ours, f"{1 - bare / ours:.1%}", median["baseline"],
+                         f"{ours / median['baseline']:.3f}", f"{ours / median['fp32']:.2f}"])
+    return rows
+
+
+def style_loss_rows(device: torch.device, sizes: list[int], steps: int, rounds: int) -> list[list[object]]:
+    """Seconds of the style loss (forward + backward, all five layers) per step, and its share of an engine step."""
+    rows = []
+    for size in sizes:
+        content, style = load_pair(size, device)
+        vgg = engine_vgg(device, "fp32")
+        with torch.no_grad():
+            targets = {name: StyleTarget.of(gaussian(f)) for name, f in vgg(style).items() if name in STYLE_LAYERS}
+            pictures = {name: f for name, f in vgg(content).items() if name in STYLE_LAYERS}
+        loss_times, step_times = [], {p: [] for p in precisions(device)}
+        for _ in range(rounds):
+            features = {name: f.clone().requires_grad_(True) for name, f in pictures.items()}
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                sum(style_loss(features[name], targets[name]) for name in STYLE_LAYERS).backward()
+            sync(device)
+            loss_times.append((time.perf_counter() - started) / steps)
+            for precision in step_times:
+                step_times[precision].append(engine_seconds(size, steps, device, precision))
+        seconds = statistics.median(loss_times)
+        h, w = content.shape[-2:]
+        rows.append([f"{w}x{h}", seconds * 1000] + [f"{seconds / statistics.median(step_times[p]):.1%}"
+                                                    for p in precisions(device)])
     return rows
 
 
@@ -105,42 +145,6 @@ def thread_rows(device: torch.device, size: int, passes: int) -> list[list[objec
     return [[n, results[n], f"{results[budget] / results[n]:.2f}"] for n in counts]
 
 
-def precision_rows(device: torch.device, size: int, passes: int) -> list[list[object]]:
-    """CUDA only: bare VGG speed and the baseline loss/gradient error under FP32, TF32 and autocast."""
-    net = textbook_vgg(device)
-    content, style = load_pair(size, device)
-    loss = BaselineLoss(net, content, style)
-    image = (0.5 * content + 0.5 * style[..., : content.shape[-2], : content.shape[-1]]).contiguous()
-    modes = {"fp32": (False, None), "tf32": (True, None), "bf16 autocast": (True, torch.bfloat16),
-             "fp16 autocast": (True, torch.float16)}
-    reference = None
-    rows = []
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        for name, (tf32, dtype) in modes.items():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                seconds = bare_seconds(net_features(net), image, passes)
-                x = image.clone().requires_grad_(True)
-                value = loss(x)
-                value.backward()
-            grad = x.grad.flatten().float()
-            if reference is None:
-                reference = (value.item(), grad)
-            cosine = torch.nn.functional.cosine_similarity(grad, reference[1], dim=0).item()
-            rows.append([name, seconds * 1000, f"{abs(value.item() / reference[0] - 1):.1e}", f"{cosine:.5f}"])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    return rows
-
-
-def net_features(net: torch.nn.Module) -> torch.nn.Module:
-    class Wrapped(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"out": net(x)}
-    return Wrapped()
-
-
 def profile(device: torch.device, size: int, steps: int) -> str:
     content, style = load_images()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -154,7 +158,9 @@ def profile(device: torch.device, size: int, steps: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--loss-sizes", type=int, nargs="+", default=[128, 256, 512],
+                   help="sizes for the style loss's cost")
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
@@ -162,24 +168,23 @@ def main() -> None:
     args, device = start(p)
     if args.quick:
         args.steps, args.rounds = 4, 2
-    print(report(device, args.sizes, args.steps, args.rounds))
+    print(report(device, args.sizes, args.loss_sizes, args.steps, args.rounds))
     if args.profile:
         print(profile(device, max(args.sizes), args.steps))
 
 
-def report(device: torch.device, sizes: list[int], steps: int, rounds: int) -> str:
-    rows = measure(device, sizes, steps, rounds)
-    out = (f"\nSeconds per step (median of {rounds} rounds x {steps} steps); overhead = step / bare - 1\n"
-           + table(["size", "bare fwd+bwd s", "baseline s", "baseline overhead", "engine s", "engine overhead",
-                    "engine / baseline"], rows))
+def report(device: torch.device, sizes: list[int], loss_sizes: list[int], steps: int, rounds: int) -> str:
+    out = (f"\nSeconds per step (median of {rounds} rounds x {steps} steps); outside = 1 - bare / engine step\n"
+           + table(["size", "precision", "bare fwd+bwd s", "engine step s", "outside the network",
+                    "baseline fp32 s", "engine / baseline", "engine / engine fp32"],
+                   measure(device, sizes, steps, rounds)))
+    out += ("\n\nStyle loss (5 layers, forward + backward): ms per step, and share of an engine step\n"
+            + table(["size", "style loss ms", *[f"share of a {p} step" for p in precisions(device)]],
+                    style_loss_rows(device, loss_sizes, steps, rounds)))
     if device.type == "cpu":
-        out += (f"\n\nCPU threads: bare forward+backward at {max(sizes)} px\n"
+        out += (f"\n\nCPU threads: bare forward+backward at {max(sizes)} px (auto precision)\n"
                 + table(["threads", "s", f"speed vs {cpu_budget()} threads"],
                         thread_rows(device, max(sizes), max(2, steps // 2))))
-    if device.type == "cuda":
-        out += (f"\n\nPrecision at {max(sizes)} px (bare ms; baseline loss and gradient against FP32)\n"
-                + table(["mode", "bare fwd+bwd ms", "loss rel. error", "gradient cosine"],
-                        precision_rows(device, max(sizes), steps)))
     return out
 
 
