@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,9 @@ from stylize import Progress, Settings, load_image, transfer  # noqa: E402
 from stylize.engine import cpu_budget, pick_device, pick_precision  # noqa: E402
 from stylize.images import fit, to_tensor  # noqa: E402
 from stylize.settings import STYLE_LAYERS  # noqa: E402
-from stylize.vgg import feature_extractor  # noqa: E402
+from stylize.vgg import UntrainedWeightsWarning, feature_extractor  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)  # every bench runs on them, and says so
 
 IMAGES = Path(os.environ.get("STYLIZE_BENCH_IMAGES", ROOT.parent / "shared" / "images"))
 CONTENT = "tubingen.jpg"

@@ -101,12 +101,15 @@ def run(args: argparse.Namespace) -> None:
     with tqdm(total=settings.steps, unit="step", dynamic_ncols=True) as bar:
         for progress in stream:
             bar.update(progress.step - bar.n)
-            bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", loss=f"{progress.losses['total']:.4g}")
+            tile = {"tile": f"{progress.tile}/{progress.tiles}"} if progress.tiles else {}
+            bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", **tile,
+                            loss=f"{progress.losses['total']:.4g}")
     inputs = {"content": str(content_path), "styles": [str(p) for p in style_paths],
               "mask": mask_path and str(mask_path), "init": init}
-    save_png(progress.image(), output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
-    print(f"wrote {output} ({progress.image().width}x{progress.image().height}, "
-          f"{progress.elapsed:.1f} s, weights: {progress.weights})")
+    picture = progress.image()
+    save_png(picture, output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
+    print(f"wrote {output} ({picture.width}x{picture.height}, {progress.elapsed:.1f} s, weights: {progress.weights}, "
+          f"{progress.device} {progress.precision})")
 
 
 def _recorded_run(path: str) -> dict:

@@ -39,8 +39,8 @@ from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_we
 
 START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
-STEP_DECAY = 0.6  # each scale gets this share of the previous scale's steps
-PREVIEW_SECONDS = 0.25  # at most one preview per this long
+STEP_DECAY = 0.9  # each scale gets this share of the previous scale's steps (bench/README.md)
+PREVIEW_SECONDS = 0.25  # at most one preview per this long, after the first step's
 AVERAGE_DECAY = 0.8  # the shown image is an exponential moving average of the iterates (0.9 lags: bench/README.md)
 ADAM_LR = 0.02  # in pixel units, images in [0, 1]
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
@@ -105,8 +105,11 @@ class Scale:
 
     @property
     def step_cost(self) -> int:
-        """Pixels optimized by one step over the whole picture: overlapping tiles count their overlap twice."""
-        return sum((r.stop - r.start) * (c.stop - c.start) for r, c in self.grid(0))
+        """Pixels optimized by one step over the whole picture: overlapping tiles count their overlap twice, and
+        the passes' grids (which differ in tiles) are averaged over the steps."""
+        def area(grid: list[tuple[slice, slice]]) -> int:
+            return sum((r.stop - r.start) * (c.stop - c.start) for r, c in grid)
+        return round(sum(self.tile_steps(p) * area(self.grid(p)) for p in range(self.passes)) / self.steps)
 
 
 def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
@@ -334,7 +337,7 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
         return image.detach()
 
     started = time.perf_counter()
-    last_preview = started
+    last_preview = -math.inf  # the first step's picture is shown at once, however fast the machine
     record = functools.partial(Progress, total=settings.steps, scales=len(scales), weights=weights.kind,
                                device=str(device), precision=precision, note=weights.note)
     step = 0
@@ -346,6 +349,7 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
             x = images.resize(x, scale.size).clone()  # tiles are written into it: never the photo itself
             picture = shown(x).clone() if scale.tile else None  # a tiled scale's previews: as of the last tile
             steps_before, work_before, cost = step, work[step - 1] if step else 0, scale.step_cost
+            scale_end = work[step + scale.steps - 1]
             tile_work = 0
             for tile_pass in range(scale.passes):
                 grid = scale.grid(tile_pass)
@@ -360,7 +364,7 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
                         if time.perf_counter() - last_preview >= PREVIEW_SECONDS and step < settings.steps:
                             yield record(step=step, scale=index, size=scale.size,
                                          elapsed=time.perf_counter() - started,
-                                         done=min(work_before + tile_work, work[step]) / work[-1],
+                                         done=min(work_before + tile_work, scale_end) / work[-1],
                                          losses=objective.last_losses(), tile=number if scale.tile else 0,
                                          tiles=len(grid) if scale.tile else 0, final=False,
                                          pixels=picture if scale.tile else shown(descent.average()))

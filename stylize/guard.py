@@ -89,6 +89,20 @@ class JobClock:
             return False
 
 
+def max_size(gpu: bool) -> int:
+    """The largest picture this server makes, in px on the long side: STYLIZE_MAX_SIZE, else 4096 on a GPU and
+    2048 on a CPU (bigger pictures are made in tiles, which only a GPU makes in minutes; the job time limit
+    still applies). Print sizes up to 8192 px stay open to the command line and to servers that allow them."""
+    return int(os.environ.get("STYLIZE_MAX_SIZE", 4096 if gpu else 2048))
+
+
+def check_size(size: int, gpu: bool) -> None:
+    if size > max_size(gpu):
+        raise SettingsError(f"This server makes pictures up to {max_size(gpu)} px; {size} px is more. Choose a "
+                            f"smaller size, or make print sizes with the command line (stylize --size {size}) or "
+                            "on a server that allows them (STYLIZE_MAX_SIZE).")
+
+
 def _about(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 

@@ -46,8 +46,7 @@ BALANCES = {
 
 class _SymmetricProduct(torch.autograd.Function):
     """A·Aᵀ for a (C, n) matrix A. The product is symmetric, so its gradient is (dG + dGᵀ)·A: one matrix
-    product where autograd's generic rule for A·B takes two. Those products are most of a step's cost
-    outside VGG19 itself (bench/README.md)."""
+    product where autograd's generic rule for A·B takes two."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:
@@ -102,22 +101,53 @@ class Gaussian:
     cov: torch.Tensor
 
 
-def _centred(features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of (1, C, H, W) features over positions (weighted by a (1, 1, H, W) mask), and the features
-    centred and scaled so that the covariance is their product with themselves: (C,), (C, n)."""
-    flat = _at_least_float32(features[0].flatten(1))
+class _Moments(torch.autograd.Function):
+    """Per-channel mean (C,) and covariance (C, C) of (1, C, H, W) features over their n positions, each position
+    weighted by `share` (n,), summing to 1, or equally when it is None.
+
+    Written out because autograd's generic rules for the centring, the product and the mean make a dozen passes
+    over the features, which at relu1_1 are hundreds of MB: most of the style loss's cost (bench/README.md).
+    Here the forward makes one centred copy and one product, the backward one product. The gradient has no term
+    through the mean: the weighted centred features sum to zero, so moving the mean leaves the covariance as it
+    is. Products run on the positions × channels side, a view of channels-last features (what vgg.py returns)."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, share: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = _at_least_float32(features.flatten(2)[0])  # (C, n): a view in either memory format
+        mean = flat.mean(1) if share is None else flat @ share
+        centred = flat - mean[:, None]
+        if share is None:
+            cov = centred @ centred.T / centred.shape[1]
+        else:
+            cov = (centred * share) @ centred.T
+        ctx.save_for_backward(centred, share)
+        ctx.features = (features.shape, features.dtype)
+        return mean, cov
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_cov: torch.Tensor) -> tuple[torch.Tensor, None]:
+        centred, share = ctx.saved_tensors
+        shape, dtype = ctx.features
+        both_sides = grad_cov + grad_cov.T
+        if share is None:  # 1/n folded into the small matrices: no extra pass over the big one
+            positions = centred.shape[1]
+            rows = torch.addmm(grad_mean[None, :] / positions, centred.T, both_sides / positions)
+        else:
+            rows = torch.addmm(grad_mean[None, :], centred.T, both_sides).mul_(share[:, None])
+        return rows.T.reshape(shape).to(dtype), None  # (n, C) rows are channels-last features
+
+
+def _share(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (1, 1, H, W) mask as each position's share of the statistics, summing to 1."""
     if mask is None:
-        mean = flat.mean(1)
-        return mean, (flat - mean[:, None]) / flat.shape[1] ** 0.5
-    share = mask.flatten().to(flat.dtype)
-    share = share / share.sum().clamp_min(1e-12)
-    mean = flat @ share
-    return mean, (flat - mean[:, None]) * share.sqrt()
+        return None
+    share = _at_least_float32(mask.flatten())
+    return share / share.sum().clamp_min(1e-12)
 
 
 def gaussian(features: torch.Tensor, mask: torch.Tensor | None = None) -> Gaussian:
-    mean, centred = _centred(features, mask)
-    return Gaussian(mean, gram(centred))
+    """The Gaussian of (1, C, H, W) features over positions, weighted by a (1, 1, H, W) mask where given."""
+    return Gaussian(*_Moments.apply(features, _share(mask)))
 
 
 def mixture(parts: list[Gaussian], shares: list[float]) -> Gaussian:
@@ -150,13 +180,18 @@ def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor |
     A = Σₛ^½·X, so it is taken on the smaller of the C×C and n×n matrices: deep layers at small scales
     have far fewer positions than channels.
     """
-    mean, centred = _centred(features, mask)
-    channels, positions = centred.shape
+    channels, positions = features.shape[1], features[0, 0].numel()
     if positions >= channels:
-        inner = target.cov_sqrt @ gram(centred) @ target.cov_sqrt
-    else:
+        stats = gaussian(features, mask)
+        mean, inner, spread = stats.mean, target.cov_sqrt @ stats.cov @ target.cov_sqrt, stats.cov.trace()
+    else:  # few positions: autograd's generic rules cost little, and the covariance is never formed
+        share = _share(mask)
+        flat = _at_least_float32(features.flatten(2)[0])
+        mean = flat.mean(1) if share is None else flat @ share
+        centred = (flat - mean[:, None]) * (share.sqrt() if share is not None else positions ** -0.5)
         inner = gram((target.cov_sqrt @ centred).T)
-    cov_term = centred.square().sum() + target.cov_trace - 2 * _TraceSqrt.apply(inner)
+        spread = centred.square().sum()
+    cov_term = spread + target.cov_trace - 2 * _TraceSqrt.apply(inner)
     return (mean - target.mean).square().mean() + cov_term / channels
 
 

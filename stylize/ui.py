@@ -124,7 +124,8 @@ def build_demo() -> gr.Blocks:
                         [(PRESET_LABELS[name], name) for name in PRESET_NAMES], value="standard", label="Quality",
                         info=" · ".join(f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
                                         for name, p in PRESETS[kind].items())))
-                    size = _slider("size", step=32, value=PRESETS[kind]["standard"]["size"])
+                    size = _slider("size", step=32, value=PRESETS[kind]["standard"]["size"],
+                                   high=guard.max_size(kind == "gpu"))
                 with gr.Row():
                     style_strength = _slider("style_strength", step=0.1)
                     content_strength = _slider("content_strength", step=0.1)
@@ -461,9 +462,11 @@ def _save(frame: Frame) -> str:
 
 def _job_images(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings,
                 preset: str) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
-    """The photo, the style images and the painted region of one job. Their count, each file's header, their
-    pixels together and the job's time are checked before any pixel is decoded; then each image is shrunk to what
-    the engine uses as soon as it is read, so that a job holds at most one full-size image at a time."""
+    """The photo, the style images and the painted region of one job. The picture's size, the images' count, each
+    file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
+    image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
+    at a time."""
+    guard.check_size(settings.size, device_kind() == "gpu")
     limit = guard.MAX_EXTRA_IMAGES
     if len(extra_styles) > limit:
         raise ImageError(f"Use at most {limit} more style images; {len(extra_styles)} were given.")
@@ -646,10 +649,13 @@ def _painting(editor: gr.ImageEditor) -> gr.ImageEditor:
     return editor
 
 
-def _slider(name: str, step: float, value: float | None = None) -> gr.Slider:
+def _slider(name: str, step: float, value: float | None = None, high: float | None = None) -> gr.Slider:
+    """A slider over a setting's range, or up to `high` where this server allows less (said in its help)."""
     info = knob(name)
-    return _checked_by_settings(gr.Slider(info["low"], info["high"], value=info["default"] if value is None else value,
-                                          step=step, label=info["label"], info=info["help"]))
+    help_text = info["help"] if high is None else f"{info['help']} Up to {high:g} px on this server."
+    return _checked_by_settings(gr.Slider(info["low"], info["high"] if high is None else high, step=step,
+                                          value=info["default"] if value is None else value, label=info["label"],
+                                          info=help_text))
 
 
 def _whole_number(name: str) -> gr.Number:

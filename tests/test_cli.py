@@ -143,3 +143,20 @@ def test_from_a_web_app_png_without_pictures_says_to_give_them(inputs, capsys):
     save_png(Image.new("RGB", (32, 32)), web, {"stylize:settings": Settings().to_json()})
     assert main(["--from", str(web), "-o", str(inputs / "out.png")]) == 2
     assert "give the photo and style images too" in capsys.readouterr().err
+
+
+def test_the_precision_is_chosen_said_and_recorded(inputs, capsys):
+    out = inputs / "out.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(out), "--size", "64", "--steps", "3",
+                 "--precision", "fp32"]) == 0
+    assert "cpu fp32" in capsys.readouterr().out
+    meta = png_metadata(out)
+    assert meta["stylize:precision"] == "fp32" and Settings.from_json(meta["stylize:settings"]).precision == "fp32"
+
+
+def test_tiles_are_asked_for_by_size(inputs):
+    out = inputs / "out.png"
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(out), "--size", "320", "--steps", "6",
+                 "--tile-size", "256"]) == 0
+    assert Image.open(out).size == (320, 240)
+    assert Settings.from_json(png_metadata(out)["stylize:settings"]).tile_size == 256

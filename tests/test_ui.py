@@ -206,6 +206,19 @@ def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_pat
         client.predict(**{"content": photo, "style": art, "preset": "draft", **change}, api_name="/stylize")
 
 
+def test_print_sizes_are_refused_where_the_server_does_not_make_them(client, photo, art):
+    """A CPU server makes pictures up to 2048 px unless configured: a 4096 px one is refused with the way to it."""
+    with pytest.raises(AppError, match=r"up to 2048 px; 4096 px is more.*stylize --size 4096.*STYLIZE_MAX_SIZE"):
+        client.predict(content=photo, style=art, preset="draft", size=4096, api_name="/stylize")
+
+
+def test_a_server_configured_for_print_sizes_offers_them(tmp_path):
+    with live_app(TEST_PRESETS, tmp_path, STYLIZE_MAX_SIZE="6144") as app:
+        config = httpx.get(f"{app.local_url}config", timeout=30).json()
+    slider = next(c["props"] for c in config["components"] if c.get("props", {}).get("label") == "Output size (px)")
+    assert slider["maximum"] == 6144 and "Up to 6144 px on this server" in slider["info"]
+
+
 def test_the_server_refuses_uploads_over_the_byte_cap(app):
     response = httpx.post(f"{app.local_url}gradio_api/upload", timeout=60,
                           files={"files": ("huge.png", b"\0" * (MAX_BYTES + 1), "image/png")})
