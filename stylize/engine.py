@@ -46,7 +46,7 @@ ADAM_LR = 0.02  # in pixel units, images in [0, 1]
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
 # Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
 # spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
-BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 2600, "fp16": 2600}
+BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
 PICTURE_BYTES_PER_PIXEL = 80
 TILE_OVERLAP = 64  # px that neighbouring tiles share, blended with feathered edges
 STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)

@@ -28,8 +28,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {
         "draft": {"size": 256, "steps": 120},
-        "standard": {"size": 512, "steps": 200},
-        "fine": {"size": 768, "steps": 300},
+        "standard": {"size": 512, "steps": 250},
+        "fine": {"size": 768, "steps": 400},
     },
     "gpu": {
         "draft": {"size": 512, "steps": 250},
