@@ -97,8 +97,9 @@ def max_size(gpu: bool) -> int:
 
 
 def check_size(size: int, gpu: bool) -> None:
-    if size > max_size(gpu):
-        raise SettingsError(f"This server makes pictures up to {max_size(gpu)} px; {size} px is more. Choose a "
+    largest = max_size(gpu)
+    if size > largest:
+        raise SettingsError(f"This server makes pictures up to {largest} px; {size} px is more. Choose a "
                             f"smaller size, or make print sizes with the command line (stylize --size {size}) or "
                             "on a server that allows them (STYLIZE_MAX_SIZE).")
 

@@ -113,9 +113,7 @@ class _Moments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, share: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = _at_least_float32(features.flatten(2)[0])  # (C, n): a view in either memory format
-        mean = flat.mean(1) if share is None else flat @ share
-        centred = flat - mean[:, None]
+        mean, centred = _centred(features, share)
         if share is None:
             cov = centred @ centred.T / centred.shape[1]
         else:
@@ -135,6 +133,13 @@ class _Moments(torch.autograd.Function):
         else:
             rows = torch.addmm(grad_mean[None, :], centred.T, both_sides).mul_(share[:, None])
         return rows.T.reshape(shape).to(dtype), None  # (n, C) rows are channels-last features
+
+
+def _centred(features: torch.Tensor, share: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted mean of (1, C, H, W) features over positions, (C,), and the features less it, (C, n)."""
+    flat = _at_least_float32(features.flatten(2)[0])  # (C, n): a view in either memory format
+    mean = flat.mean(1) if share is None else flat @ share
+    return mean, flat - mean[:, None]
 
 
 def _share(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -186,9 +191,8 @@ def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor |
         mean, inner, spread = stats.mean, target.cov_sqrt @ stats.cov @ target.cov_sqrt, stats.cov.trace()
     else:  # few positions: autograd's generic rules cost little, and the covariance is never formed
         share = _share(mask)
-        flat = _at_least_float32(features.flatten(2)[0])
-        mean = flat.mean(1) if share is None else flat @ share
-        centred = (flat - mean[:, None]) * (share.sqrt() if share is not None else positions ** -0.5)
+        mean, centred = _centred(features, share)
+        centred = centred * (share.sqrt() if share is not None else positions ** -0.5)
         inner = gram((target.cov_sqrt @ centred).T)
         spread = centred.square().sum()
     cov_term = spread + target.cov_trace - 2 * _TraceSqrt.apply(inner)

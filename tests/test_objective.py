@@ -136,3 +136,18 @@ def test_a_style_matched_exactly_costs_nothing():
     shifted = Gaussian(gaussian(s).mean + 1, gaussian(s).cov)
     assert style_loss(s, StyleTarget.of(shifted)).item() == pytest.approx(1.0)  # mean term: mean of 1²
 
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["whole", "masked"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("positions", [(2, 2), (4, 6)], ids=["fewer positions than channels", "more positions"])
+def test_the_style_loss_gradient_is_its_derivative(positions, layout, masked):
+    """The statistics' hand-written backward (losses._Moments) against finite differences, in float64."""
+    generator = torch.Generator().manual_seed(7)
+    f = (torch.randn(1, 8, *positions, dtype=torch.float64, generator=generator) ** 2).contiguous(memory_format=layout)
+    s = torch.randn(1, 8, 7, 7, dtype=torch.float64, generator=generator) ** 2 + 0.3
+    mask = torch.rand(1, 1, *positions, dtype=torch.float64, generator=generator) if masked else None
+    target = StyleTarget.of(gaussian(s))
+    x = f.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: (gaussian(x, mask).mean, gaussian(x, mask).cov), (x,))
+    assert torch.autograd.gradcheck(lambda x: style_loss(x, target, mask), (x,))
