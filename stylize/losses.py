@@ -87,6 +87,44 @@ class _TraceSqrt(torch.autograd.Function):
         return grad * ((vectors * half_inverse_roots) @ vectors.T).to(grad.dtype)
 
 
+class _TraceSqrtNewtonSchulz(torch.autograd.Function):
+    """tr(M^½) by coupled Newton-Schulz iterations, as the reference does: only matrix products, which a GPU runs
+    far faster than an eigendecomposition (cuSOLVER's `eigh` also waits for the host). M is divided by its trace
+    first, so every eigenvalue lies in [0, 1], where the iterations converge; Y tends to (M/t)^½ and Z to
+    (M/t)^-½, which gives the gradient ½·M^-½ for free. Eigenvalues far below the largest converge last and
+    stay damped, which acts as the pseudo-inverse does on the null space. bench/gpu.sh prints its error and time
+    against `_TraceSqrt`."""
+
+    ITERATIONS = 25
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:
+        dtype, m = m.dtype, m.double()  # float32 products lose the small eigenvalues (bench/README.md)
+        scale = m.trace().clamp_min(torch.finfo(m.dtype).tiny)
+        identity = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
+        y, z = m / scale, identity
+        for _ in range(_TraceSqrtNewtonSchulz.ITERATIONS):
+            t = 1.5 * identity - 0.5 * (z @ y)
+            y, z = y @ t, t @ z
+        ctx.save_for_backward((z + z.T) / (4 * scale.sqrt()))
+        return (y.trace() * scale.sqrt()).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (half_inverse_root,) = ctx.saved_tensors
+        return grad * half_inverse_root.to(grad.dtype)
+
+
+# How tr(M^½) is taken on each kind of device, chosen by measurement (bench/step_time.py on a CPU, bench/gpu.sh
+# on a GPU): the float64 eigendecomposition where it is fast, the reference's matrix-product iterations on GPUs.
+TRACE_SQRT = {"cuda": _TraceSqrtNewtonSchulz}
+
+
+def trace_sqrt(m: torch.Tensor) -> torch.Tensor:
+    """tr(M^½) of a symmetric positive semi-definite matrix, with its gradient, by the device's method."""
+    return TRACE_SQRT.get(m.device.type, _TraceSqrt).apply(m)
+
+
 def sqrtm(m: torch.Tensor) -> torch.Tensor:
     """The symmetric square root of a symmetric positive semi-definite matrix (in float64, as above)."""
     values, vectors = torch.linalg.eigh(m.double())
@@ -195,7 +233,7 @@ def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor |
         centred = centred * (share.sqrt() if share is not None else positions ** -0.5)
         inner = gram((target.cov_sqrt @ centred).T)
         spread = centred.square().sum()
-    cov_term = spread + target.cov_trace - 2 * _TraceSqrt.apply(inner)
+    cov_term = spread + target.cov_trace - 2 * trace_sqrt(inner)
     return (mean - target.mean).square().mean() + cov_term / channels
 
 

@@ -9,7 +9,16 @@ from conftest import artwork, photo
 from PIL import Image
 
 from stylize import Settings, transfer
-from stylize.losses import BALANCES, Gaussian, StyleTarget, gaussian, mixture, style_loss
+from stylize.losses import (
+    BALANCES,
+    Gaussian,
+    StyleTarget,
+    _TraceSqrt,
+    _TraceSqrtNewtonSchulz,
+    gaussian,
+    mixture,
+    style_loss,
+)
 from stylize.vgg import LAYER_NAMES
 
 # The reference, as published: layers by index in torchvision's vgg19().features, and its weights.
@@ -128,6 +137,19 @@ def test_the_style_loss_is_the_wasserstein_distance_by_eigendecomposition(positi
     s = torch.randn(1, 12, 7, 7, dtype=torch.float64, generator=generator) ** 2 + 0.3
     ours = style_loss(f, StyleTarget.of(gaussian(s))).item()
     assert ours == pytest.approx(wasserstein(f[0].flatten(1).numpy(), s[0].flatten(1).numpy()), rel=1e-7)
+
+
+def test_newton_schulz_iterations_give_the_eigendecomposition_s_square_root_trace():
+    """The GPU's way to tr(M^½) (losses.TRACE_SQRT) against the CPU's, on a covariance whose eigenvalues spread
+    over six orders of magnitude, as VGG activations' do; gradients compared where the matrix is well conditioned."""
+    generator = torch.Generator().manual_seed(8)
+    basis, _ = torch.linalg.qr(torch.randn(48, 48, dtype=torch.float64, generator=generator))
+    spread = (basis * torch.logspace(0, -6, 48, dtype=torch.float64)) @ basis.T
+    assert _TraceSqrtNewtonSchulz.apply(spread).item() == pytest.approx(_TraceSqrt.apply(spread).item(), rel=1e-4)
+    conditioned = ((basis * torch.linspace(1, 0.05, 48, dtype=torch.float64)) @ basis.T).requires_grad_(True)
+    gradients = [torch.autograd.grad(method.apply(conditioned), conditioned)[0]
+                 for method in (_TraceSqrtNewtonSchulz, _TraceSqrt)]
+    assert torch.allclose(*gradients, rtol=1e-5, atol=1e-8)
 
 
 def test_a_style_matched_exactly_costs_nothing():
