@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import sys
@@ -24,16 +25,21 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from stylize import Progress, Settings, load_image, transfer  # noqa: E402
-from stylize.engine import cpu_budget, pick_device, pick_precision  # noqa: E402
+from stylize.engine import SCHEDULE, Schedule, cpu_budget, pick_device, pick_precision, style_layer_weights  # noqa: E402
 from stylize.images import fit, to_tensor  # noqa: E402
+from stylize.losses import BALANCES, StyleTarget, content_loss, gaussian, style_loss, tv_loss  # noqa: E402
 from stylize.settings import STYLE_LAYERS  # noqa: E402
-from stylize.vgg import UntrainedWeightsWarning, feature_extractor  # noqa: E402
+from stylize.vgg import UntrainedWeightsWarning, feature_extractor, resolve_weights  # noqa: E402
 
-warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)  # every bench runs on them, and says so
+warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)  # benches without trained weights say so
 
 IMAGES = Path(os.environ.get("STYLIZE_BENCH_IMAGES", ROOT.parent / "shared" / "images"))
 CONTENT = "tubingen.jpg"
 STYLE = "starry_night.jpg"
+# Trained features for judging pictures: STYLIZE_BENCH_WEIGHTS, else the development stand-in where it has been built
+# (../shared/tools/trained-stand-in), else untrained features (and every header says which).
+STAND_IN = Path.home() / ".cache" / "stylize-dev" / "vgg16in19_caffe.pth"
+WEIGHTS = os.environ.get("STYLIZE_BENCH_WEIGHTS") or (str(STAND_IN) if STAND_IN.is_file() else "untrained")
 
 
 def sync(device: torch.device) -> None:
@@ -58,7 +64,8 @@ def machine_header(device: torch.device) -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"# {datetime.date.today()}  {platform.node()}  nproc={os.cpu_count()} budget={cpu_budget()}  "
             f"device={device.type} ({where})  auto precision={pick_precision('auto', device)}  "
-            f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg {load}")
+            f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg {load}\n"
+            f"# weights: {WEIGHTS} ({resolve_weights(WEIGHTS).kind})")
 
 
 def load_images(content: str = CONTENT, style: str = STYLE) -> tuple[Image.Image, Image.Image]:
@@ -73,11 +80,12 @@ def load_pair(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 def engine_settings(device: torch.device, **overrides: object) -> Settings:
-    return Settings(**{"weights": "untrained", "device": device.type, **overrides})
+    return Settings(**{"weights": WEIGHTS, "device": device.type, **overrides})
 
 
 def engine_vgg(device: torch.device, precision: str = "auto") -> torch.nn.Module:
-    """The engine's VGG19 feature extractor with its default layers and untrained weights, as transfer() gets it."""
+    """The engine's VGG19 feature extractor with its default layers and the bench's weights, as transfer() gets
+    it."""
     settings = engine_settings(device)
     return feature_extractor(settings.layers, settings.weights, str(device), pick_precision(precision, device))
 
@@ -88,6 +96,43 @@ def load_engine_weights(device: torch.device) -> float:
     engine_vgg(device)
     sync(device)
     return time.perf_counter() - started
+
+
+def bare_step_seconds(device: torch.device, size: int, passes: int = 3) -> float:
+    """Seconds of one bare step: the engine's network (auto precision, channels-last), forward and backward, on
+    the photo at `size`, nothing else; the unit in which presets are costed ("bare steps"). Fastest of `passes`
+    after one warm-up pass: other processes' noise only ever adds."""
+    vgg = engine_vgg(device)
+    content, _ = load_pair(size, device)
+    x = content.clone().requires_grad_(True)
+    best = math.inf
+    for _ in range(passes + 1):
+        sync(device)
+        started = time.perf_counter()
+        x.grad = None
+        sum(f.sum() for f in vgg(x).values()).backward()
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@torch.no_grad()
+def score(pixels: torch.Tensor, settings: Settings, content: Image.Image, style: Image.Image) -> float:
+    """The engine's objective (losses.py at the settings' strengths, the balance of the bench's weights) of a
+    finished picture against the photo and the style at the picture's size, in float32: one figure for comparing
+    pictures made in different ways (schedules, precisions, tiles)."""
+    device = pixels.device
+    vgg = feature_extractor(settings.layers, WEIGHTS, str(device), "fp32")
+    balance = BALANCES[resolve_weights(WEIGHTS).kind]
+    size = (pixels.shape[-1], pixels.shape[-2])
+    photo = to_tensor(content, size).to(device)
+    painting = to_tensor(style, fit(style.size, round(settings.style_scale * max(size)))).to(device)
+    ours, theirs, photos = vgg(pixels.float()), vgg(painting), vgg(photo)
+    style_term = sum(weight * style_loss(ours[name], StyleTarget.of(gaussian(theirs[name])))
+                     for name, weight in style_layer_weights(settings, balance).items())
+    content_term = content_loss(ours[settings.content_layer], photos[settings.content_layer])
+    return (balance.content * settings.content_strength * content_term + settings.style_strength * style_term
+            + balance.tv * settings.smoothing * tv_loss(pixels.float())).item()
 
 
 @dataclass
@@ -116,7 +161,7 @@ class EngineRun:
 
 
 def run_engine(content: Image.Image, style: Image.Image, settings: Settings, device: torch.device, *,
-               consumer: Callable[[Progress], object] | None = None) -> EngineRun:
+               consumer: Callable[[Progress], object] | None = None, schedule: Schedule = SCHEDULE) -> EngineRun:
     """Run a transfer to the end, time-stamping each Progress as the consumer receives it.
 
     Progress pixels are kept (on the device) for later evaluation outside the timed region;
@@ -125,7 +170,7 @@ def run_engine(content: Image.Image, style: Image.Image, settings: Settings, dev
     run = EngineRun()
     sync(device)
     started, cpu_started = time.perf_counter(), time.process_time()
-    for progress in transfer(content, style, settings):
+    for progress in transfer(content, style, settings, schedule=schedule):
         sync(device)
         run.times.append(time.perf_counter() - started)
         run.cpu_times.append(time.process_time() - cpu_started)
@@ -170,5 +215,6 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-__all__ = ["STYLE_LAYERS", "EngineRun", "engine_settings", "engine_vgg", "load_engine_weights",
-           "load_images", "load_pair", "machine_header", "run_engine", "start", "sync", "table", "warm_up"]
+__all__ = ["STYLE_LAYERS", "WEIGHTS", "EngineRun", "bare_step_seconds", "engine_settings", "engine_vgg",
+           "load_engine_weights", "load_images", "load_pair", "machine_header", "run_engine", "score", "start", "sync",
+           "table", "warm_up"]

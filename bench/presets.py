@@ -1,29 +1,44 @@
-"""Time to the first preview and to the final image for each quality preset.
+"""Each quality preset's cost in bare steps, its first preview, and its picture against the presets as they were.
 
-Weights are loaded first and timed on their own ("weights load": building the untrained
-VGG19 here; reading 548 MB of ImageNet weights elsewhere), so preview times are counted from
-the moment a transfer is asked for with the weights in memory, as the issue's target reads.
-Each preset runs with a consumer that does nothing; "standard" runs once more with a
-consumer that does what a UI does with every preview (to PIL, then PNG-encode), which
-shows what preview encoding costs while it sits on the optimizer's thread.
-The baseline column is the textbook method at the preset's size and step count, estimated
-from a few timed L-BFGS evaluations (set-up + steps x seconds per step).
+The unit of cost is the bare step: one forward and backward of the engine's network (auto precision,
+channels-last) at 512 px and nothing else, timed in the same process (common.bare_step_seconds), so a preset's
+cost reads the same on a fast and a slow machine. Each preset runs twice on the same inputs, as it is now and as
+it was before the schedule was re-measured on trained features (BEFORE: the steps and schedule of that time),
+and both final pictures are scored with the engine's objective in float32 (common.score). Weights are loaded
+first and timed on their own. "standard" runs once more with a consumer that does what the UI does with every
+preview (to PIL, then PNG-encode), which shows what preview encoding costs on the optimizer's thread.
+Pictures side by side, before and now: bench/out/presets_<preset>.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import time
+from pathlib import Path
 
-import common
 import torch
-from baseline import run_baseline, textbook_vgg
-from common import load_engine_weights, load_images, load_pair, machine_header, run_engine, table
+from common import (
+    WEIGHTS,
+    bare_step_seconds,
+    load_engine_weights,
+    load_images,
+    machine_header,
+    run_engine,
+    score,
+    table,
+    warm_up,
+)
+from precision import side_by_side
 
 from stylize import Progress, Settings
-from stylize.engine import pick_device
+from stylize.engine import SCHEDULE, Schedule, pick_device
 from stylize.settings import PRESET_NAMES
+
+OUT = Path(__file__).resolve().parent / "out"  # git-ignored
+UNIT_SIZE = 512  # the bare step's size
+# The presets before the schedule was re-measured with trained features: (steps per preset, schedule).
+BEFORE = ({"cpu": {"draft": 120, "standard": 250, "fine": 400}, "gpu": {"draft": 250, "standard": 400, "fine": 600}},
+          Schedule(start_side=128, step_decay=0.9, learning_rate=0.02, average_decay=0.8))
 
 
 def ui_consumer(progress: Progress) -> None:
@@ -31,56 +46,61 @@ def ui_consumer(progress: Progress) -> None:
     progress.image().save(io.BytesIO(), format="PNG")
 
 
-def baseline_estimate(net: torch.nn.Module, size: int, steps: int, device: torch.device,
-                      timed: int) -> tuple[float, float]:
-    """(seconds to the first iterate, estimated seconds for `steps`) of the textbook method at `size`."""
-    content, style = load_pair(size, device)
-    stamps: list[float] = []
-    run_baseline(net, content, style, timed + 1, lambda t, *_: stamps.append(t))
-    per_step = (stamps[-1] - stamps[0]) / timed
-    return stamps[0], stamps[0] + (steps - 1) * per_step
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
-    p.add_argument("--baseline-steps", type=int, default=3, help="timed baseline evaluations per estimate")
     p.add_argument("--quick", action="store_true", help="draft and standard only")
+    p.add_argument("--no-before", action="store_true", help="skip the runs as the presets were")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     if args.quick:
         args.presets = ["draft", "standard"]
     device = pick_device(args.device)
     print(machine_header(device))
-    print(report(device, args.presets, args.baseline_steps))
+    print(report(device, args.presets, before=not args.no_before))
 
 
-def report(device: torch.device, presets: list[str], baseline_steps: int) -> str:
+def report(device: torch.device, presets: list[str], before: bool = True) -> str:
     kind = "cpu" if device.type == "cpu" else "gpu"
     weights_seconds = load_engine_weights(device)
     content, style = load_images()
-    common.warm_up(device)
-    net = textbook_vgg(device)
-    rows = []
-    standard_ui = None
+    warm_up(device)
+    rows, standard_ui = [], None
     for name in presets:
-        settings = Settings.from_preset(name, kind, weights="untrained", device=device.type)
-        run = run_engine(content, style, settings, device)
-        started = time.perf_counter()
-        ui_consumer(run.records[0])
-        shown = run.first_preview + time.perf_counter() - started
-        first, total = baseline_estimate(net, settings.size, settings.steps, device, baseline_steps)
-        rows.append([name, settings.size, settings.steps, run.records[-1].scales, len(run.records),
-                     run.first_preview, shown, run.final, first, total, f"{total / run.final:.1f}x"])
-        if name == "standard":
-            standard_ui = (run.final, run_engine(content, style, settings, device, consumer=ui_consumer))
-    out = (f"\nPresets on {kind} (weights load, cold: {weights_seconds:.2f} s, not counted below)\n"
-           + table(["preset", "size", "steps", "scales", "previews", "first preview s", "first shown s",
-                    "final s", "baseline first s", "baseline final s (est.)", "baseline / engine"], rows))
+        runs = {"now": (Settings.from_preset(name, kind, weights=WEIGHTS, device=device.type), SCHEDULE)}
+        if before:
+            runs["before"] = (Settings.from_preset(name, kind, steps=BEFORE[0][kind][name], weights=WEIGHTS,
+                                                   device=device.type), BEFORE[1])
+        pictures, costs, scores = [], {}, {}
+        for when, (settings, schedule) in runs.items():
+            bare = bare_step_seconds(device, UNIT_SIZE)  # timed next to each run: the machine's speed drifts
+            run = run_engine(content, style, settings, device, schedule=schedule)
+            final = run.records[-1]
+            costs[when], scores[when] = run.final / bare, score(final.pixels, settings, content, style)
+            pictures.append(final.image())
+            rows.append([f"{name} ({when})", settings.size, settings.steps, final.scales, len(run.records),
+                         run.first_preview, f"{run.first_preview / bare:.2f}", run.final, bare,
+                         f"{costs[when]:.1f}", scores[when],
+                         f"{scores[when] / scores['now']:.3f}" if when != "now" else "1.000"])
+            if name == "standard" and when == "now":
+                ui = run_engine(content, style, settings, device, consumer=ui_consumer)
+                standard_ui = (run.final, ui)
+        if before:
+            rows.append([f"{name}: now / before", "", "", "", "", "", "", "", "",
+                         f"{costs['now'] / costs['before']:.2f}", "", f"{scores['now'] / scores['before']:.3f}"])
+            OUT.mkdir(exist_ok=True)
+            side_by_side(pictures).save(OUT / f"presets_{name}.png")
+    out = (f"\nPresets on {kind} (weights load, cold: {weights_seconds:.2f} s, not counted below); cost in bare "
+           f"steps = seconds / one bare forward+backward at {UNIT_SIZE} px timed beside the run; objective: the "
+           f"final picture scored in float32\n"
+           + table(["preset", "size", "steps", "scales", "previews", "first preview s", "first / bare step",
+                    "final s", "bare step s", "bare steps", "objective", "objective / now"], rows))
+    if before:
+        out += f"\npictures (now, before): {OUT}/presets_<preset>.png"
     if standard_ui is not None:
-        bare, ui = standard_ui
+        plain, ui = standard_ui
         out += (f"\n\n'standard' with a UI-like consumer (PIL + PNG per preview, {len(ui.records)} previews): "
-                f"final {ui.final:.1f} s vs {bare:.1f} s with a no-op consumer ({ui.final / bare - 1:+.1%})")
+                f"final {ui.final:.1f} s vs {plain:.1f} s with a no-op consumer ({ui.final / plain - 1:+.1%})")
     return out
 
 

@@ -19,9 +19,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +34,8 @@ from common import (
     table,
 )
 
-from stylize import Settings, engine
-from stylize.engine import plan, work_done
+from stylize import Settings
+from stylize.engine import SCHEDULE, Schedule, plan, work_done
 from stylize.images import resize
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
@@ -84,11 +82,11 @@ def run_baseline_scored(net: torch.nn.Module, content: torch.Tensor, style: torc
     return first_at_bar(f"baseline, {n} steps", points, bar), points
 
 
-def score_engine(name: str, run: EngineRun, settings: Settings, image_size: tuple[int, int],
+def score_engine(name: str, run: EngineRun, settings: Settings, schedule: Schedule, image_size: tuple[int, int],
                  loss: BaselineLoss, full: tuple[int, int], bar: float) -> tuple[Result, list[Point]]:
-    """Score every Progress image; call inside the same engine constants as the run (scales depend on them)."""
+    """Score every Progress image of a run made with `schedule` (the scales depend on it)."""
     # In full-size step equivalents: a step at a scale costs that scale's pixels over the full size's.
-    work = [pixels / (full[0] * full[1]) for pixels in work_done(plan(image_size, settings))]
+    work = [pixels / (full[0] * full[1]) for pixels in work_done(plan(image_size, settings, schedule))]
     points = [(p.step, work[p.step - 1], t, c, loss.value(resize(p.pixels, full)))
               for p, t, c in zip(run.records, run.times, run.cpu_times, strict=True)]
     return first_at_bar(name, points, bar), points
@@ -114,11 +112,11 @@ def measure(device: torch.device, size: int, baseline_steps: int, variants: list
 
     full = (content.shape[-1], content.shape[-2])
     for variant in variants:
-        overrides, constants = parse_variant(variant)
+        overrides, schedule = parse_variant(variant)
         settings = engine_settings(device, **{"size": size, **overrides})
-        with patched(constants):
-            run = run_engine(content_image, style_image, settings, device)
-            result, points = score_engine(f"engine {variant}", run, settings, content_image.size, loss, full, bar)
+        run = run_engine(content_image, style_image, settings, device, schedule=schedule)
+        result, points = score_engine(f"engine {variant}", run, settings, schedule, content_image.size, loss, full,
+                                      bar)
         results.append(result)
         print(f"{result.name}: {result.steps_to_bar} steps, {result.work_to_bar:.1f} full-size steps, "
               f"{result.seconds_to_bar:.1f} s to the bar; final {result.final_seconds:.1f} s, "
@@ -135,33 +133,21 @@ def print_curve(name: str, points: list[Point], bar: float) -> None:
           flush=True)
 
 
-def parse_variant(text: str) -> tuple[dict[str, object], dict[str, float]]:
-    """'name=steps:400,optimizer:adam,STEP_DECAY:0.5' -> (Settings overrides, engine constants)."""
+def parse_variant(text: str) -> tuple[dict[str, object], Schedule]:
+    """'name=steps:400,optimizer:adam,step_decay:0.5' -> (Settings overrides, the engine's schedule with the
+    Schedule fields named)."""
     settings: dict[str, object] = {}
-    constants: dict[str, float] = {}
+    schedule: dict[str, float] = {}
     _, _, spec = text.partition("=")
     for item in filter(None, spec.split(",")):
         key, value = item.split(":")
-        if key.isupper():
-            constants[key] = float(value) if "." in value or "e" in value else int(value)
+        if key in {f.name for f in fields(Schedule)}:
+            schedule[key] = float(value) if "." in value or "e" in value else int(value)
         elif key in ("optimizer", "init", "preserve_colors", "precision"):
             settings[key] = value
         else:
             settings[key] = int(value) if key in ("steps", "size", "seed") else float(value)
-    return settings, constants
-
-
-@contextmanager
-def patched(constants: dict[str, float]) -> Iterator[None]:
-    """Engine module constants set for one run (tuning experiments), restored afterwards."""
-    saved = {name: getattr(engine, name) for name in constants}
-    for name, value in constants.items():
-        setattr(engine, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(engine, name, value)
+    return settings, replace(SCHEDULE, **schedule)
 
 
 def report(results: list[Result], bar: float, size: int, baseline_steps: int) -> str:
@@ -190,7 +176,7 @@ def main() -> None:
     p.add_argument("--baseline-steps", type=int, default=300)
     p.add_argument("--engine", nargs="*", default=["default"], metavar="NAME=K:V,...",
                    help="engine runs: 'default', or NAME=KEY:VALUE,... with Settings fields "
-                        "(adam=optimizer:adam) or engine constants (d5=STEP_DECAY:0.5)")
+                        "(adam=optimizer:adam) or Schedule fields (d5=step_decay:0.5)")
     p.add_argument("--quick", action="store_true", help="256 px, 100 baseline steps")
     p.add_argument("--reuse", action="store_true",
                    help="take the baseline's bar and times from bench/out/ if an earlier run saved them "

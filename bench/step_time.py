@@ -4,8 +4,8 @@ VGG19's forward/backward, and what the style loss costs.
 Three things are timed per size and precision, interleaved in rounds so that a noisy machine hits all alike:
 - bare: the engine's VGG19 forward and backward alone in that precision (no losses, no optimizer);
 - baseline: one L-BFGS evaluation of the textbook method (bench/baseline.py, float32);
-- engine: one step of stylize.transfer in that precision, pinned to a single scale (START_SIDE set to the
-  size for the run) so every step is at the measured size; timed from the Progress stream, so target
+- engine: one step of stylize.transfer in that precision, pinned to a single scale (the schedule's start side set
+  to the size for the run) so every step is at the measured size; timed from the Progress stream, so target
   set-up is excluded and preview production is included.
 Outside the network = 1 - bare / engine step. The style loss table times the five layers' Wasserstein
 losses with their backward on a picture's activations (float32, as the engine computes them), against
@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from baseline import run_baseline, textbook_vgg
@@ -33,21 +32,14 @@ from common import (
     table,
 )
 
-from stylize import engine
-from stylize.engine import cpu_budget
+from stylize.engine import SCHEDULE, Schedule, cpu_budget
 from stylize.losses import StyleTarget, gaussian, style_loss
 from stylize.settings import STYLE_LAYERS
 
 
-@contextmanager
-def single_scale(side: int) -> Iterator[None]:
-    """Make transfer() run all its steps at `side` (no coarse-to-fine), for per-step timing."""
-    saved = engine.START_SIDE
-    engine.START_SIDE = side
-    try:
-        yield
-    finally:
-        engine.START_SIDE = saved
+def single_scale(side: int) -> Schedule:
+    """The engine's schedule with all its steps at `side` (no coarse-to-fine), for per-step timing."""
+    return replace(SCHEDULE, start_side=side)
 
 
 def precisions(device: torch.device) -> list[str]:
@@ -75,9 +67,8 @@ def baseline_seconds(net: torch.nn.Module, content: torch.Tensor, style: torch.T
 
 def engine_seconds(size: int, steps: int, device: torch.device, precision: str) -> float:
     content, style = load_images()
-    with single_scale(size):
-        run = run_engine(content, style, engine_settings(device, size=size, steps=steps + 1, precision=precision),
-                         device)
+    run = run_engine(content, style, engine_settings(device, size=size, steps=steps + 1, precision=precision),
+                     device, schedule=single_scale(size))
     return run.step_seconds(scale=1)
 
 
@@ -150,8 +141,9 @@ def profile(device: torch.device, size: int, steps: int) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with single_scale(size), torch.profiler.profile(activities=activities) as prof:
-        run_engine(content, style, engine_settings(device, size=size, steps=steps), device)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_engine(content, style, engine_settings(device, size=size, steps=steps), device,
+                   schedule=single_scale(size))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=20)
 

@@ -37,12 +37,8 @@ from .losses import (
 from .settings import MIN_TILE_SIZE, Settings, SettingsError
 from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights, stride
 
-START_SIDE = 128  # long side of the first scale
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
-STEP_DECAY = 0.9  # each scale gets this share of the previous scale's steps (bench/README.md)
 PREVIEW_SECONDS = 0.25  # at most one preview per this long, after the first step's
-AVERAGE_DECAY = 0.8  # the shown image is an exponential moving average of the iterates (0.9 lags: bench/README.md)
-ADAM_LR = 0.02  # in pixel units, images in [0, 1]
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
 # Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
 # spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
@@ -50,6 +46,19 @@ BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
 PICTURE_BYTES_PER_PIXEL = 80
 TILE_OVERLAP = 64  # px that neighbouring tiles share, blended with feathered edges
 STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a transfer spends its steps; each value measured with trained features (bench/README.md)."""
+
+    start_side: int = 128  # long side of the first scale
+    step_decay: float = 0.9  # each scale gets this share of the previous scale's steps
+    learning_rate: float = 0.02  # Adam's, in pixel units (images in [0, 1])
+    average_decay: float = 0.8  # what is shown and kept: an exponential moving average of the iterates
+
+
+SCHEDULE = Schedule()
 
 
 @dataclass
@@ -209,32 +218,33 @@ def free_memory(device: torch.device) -> int | None:
     return min(limits) if limits else None
 
 
-def scale_sizes(image_size: tuple[int, int], long_side: int) -> list[tuple[int, int]]:
-    """(width, height) of each scale: geometric from about START_SIDE up to `long_side`."""
+def scale_sizes(image_size: tuple[int, int], long_side: int, start_side: int = SCHEDULE.start_side
+                ) -> list[tuple[int, int]]:
+    """(width, height) of each scale: geometric from about `start_side` up to `long_side`."""
     aspect = max(image_size) / min(image_size)
     if long_side / aspect < MIN_SHORT_SIDE:
         raise SettingsError(f"An output {long_side} px long is too small for this {image_size[0]}x"
                             f"{image_size[1]} image; choose at least {math.ceil(MIN_SHORT_SIDE * aspect)} px.")
-    start = min(long_side, max(START_SIDE, math.ceil(MIN_SHORT_SIDE * aspect)))
+    start = min(long_side, max(start_side, math.ceil(MIN_SHORT_SIDE * aspect)))
     count = math.ceil(math.log(long_side / start) / math.log(math.sqrt(2)) - 1e-9)
     sides = [round(start * (long_side / start) ** (k / count)) for k in range(count)] + [long_side]
     return [images.fit(image_size, side) for side in sides]
 
 
-def split_steps(total: int, scales: int) -> list[int]:
+def split_steps(total: int, scales: int, decay: float = SCHEDULE.step_decay) -> list[int]:
     """Steps per scale, decaying geometrically so most of the work is at the cheap small scales; at least one
     each (there are never more scales than steps)."""
-    shares = [STEP_DECAY**k for k in range(scales)]
+    shares = [decay**k for k in range(scales)]
     counts = [max(1, math.floor(total * share / sum(shares))) for share in shares]
     counts[0] += total - sum(counts)
     return counts
 
 
-def plan(image_size: tuple[int, int], settings: Settings) -> list[Scale]:
+def plan(image_size: tuple[int, int], settings: Settings, schedule: Schedule = SCHEDULE) -> list[Scale]:
     """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles."""
-    sizes = scale_sizes(image_size, settings.size)[-settings.steps:]
+    sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps:]
     return [Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
-            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes)), strict=True)]
+            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule.step_decay), strict=True)]
 
 
 def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
@@ -270,11 +280,13 @@ def job_work(content_size: tuple[int, int], settings: Settings) -> int:
 
 
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
-             mask: Image.Image | None = None, init_image: Image.Image | None = None) -> Iterator[Progress]:
+             mask: Image.Image | None = None, init_image: Image.Image | None = None,
+             schedule: Schedule = SCHEDULE) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
 
     `mask` (greyscale, over the content) limits the style to its white parts;
-    `init_image` (e.g. a previous result) replaces `settings.init` as the start.
+    `init_image` (e.g. a previous result) replaces `settings.init` as the start;
+    `schedule` is the engine's own (benches compare others).
     Bad settings raise here, before the first record; closing the generator stops the work at once.
     """
     settings = settings.with_weights_from_env()
@@ -287,18 +299,18 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
         raise SettingsError("At least one style weight must be above zero.")
     device = pick_device(settings.device)
     precision = pick_precision(settings.precision, device)
-    scales = fit_in_memory(plan(content.size, settings), settings, device, precision)
+    scales = fit_in_memory(plan(content.size, settings, schedule), settings, device, precision)
     weights = resolve_weights(settings.weights)
     style_layer_weights(settings, BALANCES[weights.kind])  # raises now for layers the balance has no weight for
     if weights.untrained:  # said now, before the work: a run can take minutes
         warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=2)
     # Everything above raises now, at the call; the work itself starts at the first next().
-    return _optimize(content, styles, blend, mask, init_image, settings, scales, device, weights, precision)
+    return _optimize(content, styles, blend, mask, init_image, settings, schedule, scales, device, weights, precision)
 
 
 def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[float], mask: Image.Image | None,
-              init_image: Image.Image | None, settings: Settings, scales: list[Scale], device: torch.device,
-              weights: Weights, precision: str) -> Iterator[Progress]:
+              init_image: Image.Image | None, settings: Settings, schedule: Schedule, scales: list[Scale],
+              device: torch.device, weights: Weights, precision: str) -> Iterator[Progress]:
     vgg = feature_extractor(settings.layers, settings.weights, str(device), precision)
     objective = _Objective(vgg, settings, BALANCES[weights.kind], precision)
     full = scales[-1].size
@@ -356,7 +368,7 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
                 for number, (rows, columns) in enumerate(grid, start=1):
                     objective.aim_content(photo_here[..., rows, columns],
                                           None if region_here is None else region_here[..., rows, columns])
-                    descent = _Descent(objective, x[..., rows, columns], settings)
+                    descent = _Descent(objective, x[..., rows, columns], settings, schedule)
                     for _ in range(scale.tile_steps(tile_pass)):
                         descent.step()
                         tile_work += descent.x[0, 0].numel()
@@ -391,10 +403,11 @@ class _Descent:
     """Optimizer steps on a picture or one tile of it, clamped to [0, 1] after each step (never inside an
     L-BFGS closure), with an exponential moving average of the iterates: what is shown and kept."""
 
-    def __init__(self, objective: _Objective, start: torch.Tensor, settings: Settings):
+    def __init__(self, objective: _Objective, start: torch.Tensor, settings: Settings, schedule: Schedule):
         self.x = start.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+        self.decay = schedule.average_decay
         if settings.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.x], lr=ADAM_LR)
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.x], lr=schedule.learning_rate)
         else:
             # No tolerances: the engine counts the steps itself, and small losses (untrained features) have
             # gradients below L-BFGS's default tolerance from the start.
@@ -408,8 +421,8 @@ class _Descent:
         self.optimizer.step(self.closure)
         with torch.no_grad():
             self.x.clamp_(0, 1)
-            self.sum.mul_(AVERAGE_DECAY).add_(self.x, alpha=1 - AVERAGE_DECAY)
-        self.weight = AVERAGE_DECAY * self.weight + 1 - AVERAGE_DECAY
+            self.sum.mul_(self.decay).add_(self.x, alpha=1 - self.decay)
+        self.weight = self.decay * self.weight + 1 - self.decay
 
     def average(self) -> torch.Tensor:
         return self.sum / self.weight
