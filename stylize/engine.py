@@ -50,7 +50,7 @@ STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken
 
 @dataclass(frozen=True)
 class Schedule:
-    """How a transfer spends its steps; each value measured with trained features (bench/README.md)."""
+    """How a transfer spends its steps; bench/README.md has what other values did on trained features."""
 
     start_side: int = 128  # long side of the first scale
     step_decay: float = 0.9  # each scale gets this share of the previous scale's steps
