@@ -104,7 +104,7 @@ def build_demo() -> gr.Blocks:
     if weights.untrained:  # said once, here, and on the page; not again in the log for every run
         LOG.warning("Degraded mode: %s", weights.note)
         warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)
-    job_clock()  # times this server, before any user waits
+    job_clock()  # times this server in the background: the page is up meanwhile
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
     with gr.Blocks(title=TITLE, delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
@@ -212,9 +212,14 @@ def launch_options() -> dict[str, Any]:
 
 @functools.cache
 def job_clock() -> guard.JobClock:
-    """This server's speed: what a job will cost before it starts. Timed once on a CPU; on a GPU, which the app's
-    own process may not touch (ZeroGPU lends one to each run only), a guess until the first job measures it."""
-    return guard.JobClock.measured() if device_kind() == "cpu" else guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    """This server's speed: what a job will cost before it starts. Timed in the background on a CPU; on a GPU,
+    which the app's own process may not touch (ZeroGPU lends one to each run only), a guess until the first job
+    measures it. Every job measures it again as it runs."""
+    if device_kind() == "gpu":
+        return guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    clock = guard.JobClock()
+    clock.time_in_background()
+    return clock
 
 
 def _clients_in_line(app: Any) -> list[str]:
@@ -320,10 +325,10 @@ def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
          mask: Image.Image | None) -> Iterator[Frame]:
     """Drive the engine: a Frame for each preview, then the final one at full size."""
     steps = transfer(content, styles, settings, mask=mask)
+    work = job_work(content.size, settings)
     try:
         for progress in steps:
-            if progress.final:  # this server's speed, measured again
-                job_clock().record(job_work(content.size, settings), progress.elapsed)
+            job_clock().record(work, progress.done, progress.elapsed)  # this server's speed, now
             yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
                         progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
                         progress.elapsed, progress.done, progress.final, progress.device, progress.precision,
