@@ -19,7 +19,7 @@ import time
 import common
 import torch
 from baseline import run_baseline, textbook_vgg
-from common import load_engine_weights, load_images, load_pair, machine_header, run_engine, table
+from common import add_image_arguments, load_engine_weights, load_images, load_pair, machine_header, run_engine, table
 
 from stylize import Progress, Settings
 from stylize.engine import pick_device
@@ -43,6 +43,7 @@ def baseline_estimate(net: torch.nn.Module, size: int, steps: int, device: torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(p)
     p.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
     p.add_argument("--baseline-steps", type=int, default=3, help="timed baseline evaluations per estimate")
     p.add_argument("--quick", action="store_true", help="draft and standard only")

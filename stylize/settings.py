@@ -89,7 +89,7 @@ class Settings:
     init: str = _knob("content", choices=INITS, label="Start from",
                       help="The image the optimization starts from.")
     optimizer: str = _knob("adam", choices=OPTIMIZERS, label="Optimizer",
-                           help="Adam reaches a given loss sooner on this objective (bench/README.md); "
+                           help="Adam reaches a given loss sooner on this objective; "
                                 "L-BFGS, the classic choice, is slower to get there.")
     seed: int = _knob(0, low=0, high=2**31 - 1, label="Seed",
                       help="Same inputs, settings, seed and device give the same pixels.")

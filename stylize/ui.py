@@ -58,6 +58,7 @@ REGION = "Region: paint where the style goes (nothing painted: everywhere)"
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
+STOP_FLAGS: dict[str, threading.Event] = {}  # per page session: its Stop sets it, its run ends at its next picture
 RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
 SSR_NODE_MAJOR = 24  # gradio 6.31's launch(): "ssr_mode ... requires Node 24+" (tests/test_ui.py keeps them equal)
 CSS = """
@@ -100,6 +101,9 @@ def device_kind() -> str:
 def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
+    # Said before torch's own "Downloading: ...vgg19..." line, which it prints offline too, just before it fails.
+    LOG.info("Loading the VGG19 weights: torch's cache, else a download (548 MB, once; offline it fails at once "
+             "and the app runs on untrained features).")
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     if weights.untrained:  # said once, here, and on the page; not again in the log for every run
         LOG.warning("Degraded mode: %s", weights.note)
@@ -165,8 +169,7 @@ def build_demo() -> gr.Blocks:
         examples = gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
                                label="Examples (click one to run it with the quality chosen above)",
                                api_visibility="private")
-        history = gr.State([])
-        stop_flag = gr.State(None)  # a threading.Event per run: Stop sets it, the run ends at its next picture
+        history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
         gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
                              interactive=False, elem_id="history")
 
@@ -176,20 +179,21 @@ def build_demo() -> gr.Blocks:
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 
-        def busy() -> tuple:  # here, not at module level: it looks at this app's queue
+        def busy(request: gr.Request) -> tuple:  # here, not at module level: it looks at this app's queue
+            STOP_FLAGS[request.session_hash] = threading.Event()
             return _busy(_someone_ahead(demo))
 
-        started = run.click(busy, None, [run, stop, download, status, stop_flag], js=SHOW_RESULT_JS, **private)
+        started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
         job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
-                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
-                                     history, stop_flag],
-                           [result, status, download, gallery, history], api_name="stylize",
+                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing],
+                           [result, status, download], api_name="stylize",
                            concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
                            concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
+        job.then(_remember, [download, preset, history], [gallery, history], **private)
         job.failure(_failed, None, [run, stop, status], **private)
-        stop.click(_request_stop, stop_flag, stop, **private)
+        stop.click(_request_stop, None, stop, **private)
     _describe_api(demo)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
@@ -276,13 +280,17 @@ def _node_version(node: str | None) -> int | None:
 def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
             content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
             style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-            history: list | None = None, stop_flag: threading.Event | None = None) -> Iterator[tuple]:
+            request: gr.Request | None = None) -> Iterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
-    stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
+    # The page's Stop sets its session's flag (busy() made it); an API caller stops a run by cancelling its job.
+    stop = STOP_FLAGS.pop(request.session_hash, None) if request else None
+    stop = stop or threading.Event()
     if stop.is_set():  # Stop was pressed while this run waited in the queue
-        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        yield None, "Stopped before it started.", None
         return
+    if request:
+        STOP_FLAGS[request.session_hash] = stop
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
@@ -296,7 +304,7 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
-                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
+                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip()
     except (ImageError, SettingsError) as error:
         raise gr.Error(str(error)) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
@@ -304,10 +312,24 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
+    finally:
+        if request and STOP_FLAGS.get(request.session_hash) is stop:
+            del STOP_FLAGS[request.session_hash]
     png = _save(frame)
-    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
-    history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
-    yield png, _ended(frame), png, history, history
+    yield png, _ended(frame), png
+
+
+def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
+    """The session's gallery with a new result first, captioned with its preset and its real size (a stopped run's
+    is smaller than the preset's)."""
+    if not png:  # stopped before it started
+        return gr.skip(), gr.skip()
+    with Image.open(png) as picture:
+        width, height = picture.size
+        stopped = picture.text.get("stylize:stopped")
+    caption = f"{PRESET_LABELS.get(preset, preset)}, {width}×{height} px" + (f", {stopped}" if stopped else "")
+    history = [(png, caption)] + history[:HISTORY_LENGTH - 1]
+    return history, history
 
 
 @dataclass(frozen=True)
@@ -538,8 +560,10 @@ def _uploaded(path: str, what: str) -> str:
 
 
 def _busy(someone_ahead: bool) -> tuple:
+    """Buttons, download, status and result as a run is asked for. The last result goes: if this run fails, no
+    earlier picture stays under its error badge."""
     waiting = "In queue: others are ahead of you; your place shows on the result." if someone_ahead else "Starting…"
-    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, threading.Event()
+    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, None
 
 
 def _someone_ahead(demo: gr.Blocks) -> bool:
@@ -557,9 +581,9 @@ def _failed() -> tuple:
     return *_idle(), "Not finished: the message on the page says why."
 
 
-def _request_stop(stop_flag: threading.Event | None) -> gr.Button:
-    if stop_flag is not None:
-        stop_flag.set()
+def _request_stop(request: gr.Request) -> gr.Button:
+    if request.session_hash in STOP_FLAGS:
+        STOP_FLAGS[request.session_hash].set()
     return gr.Button(interactive=False)
 
 
