@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -103,6 +104,8 @@ class JobClock:
 
     def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
         """A job's estimated seconds where they pass MAX_JOB_SECONDS; None where it may run."""
+        if MAX_JOB_SECONDS == math.inf:  # no limit: nothing to wait for
+            return None
         self.timed.wait()
         work = job_work(content_size, settings)
         if self.seconds_per_work is None or work <= self.least_work:

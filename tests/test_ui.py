@@ -197,12 +197,14 @@ def test_the_time_left_settles_on_the_truth_and_does_not_jump(fixed, per_pixel):
     ({"seed": -1}, "seed must be between 0 and"),
     ({"size": "huge"}, "size must be a number, got 'huge'"),
 ])
-def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_path, change, message):
+def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_path, change, message, capfd, caplog):
     if change.get("content") == "not-an-image":
         (tmp_path / "notes.jpg").write_text("shopping list")
         change = {"content": handle_file(str(tmp_path / "notes.jpg"))}
-    with pytest.raises(AppError, match=message):
+    with caplog.at_level(logging.INFO, logger="stylize.ui"), pytest.raises(AppError, match=message):
         client.predict(**{"content": photo, "style": art, "preset": "draft", **change}, api_name="/stylize")
+    assert "Traceback" not in capfd.readouterr().err  # a user's mistake is one line in the server's log
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Refused a job: ")]
 
 
 def test_print_sizes_are_refused_where_the_server_does_not_make_them(client, photo, art):
