@@ -9,12 +9,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .engine import pick_device, result_metadata, transfer
-from .images import ImageError, load_image, png_metadata, save_png
-from .settings import INITS, PRESET_NAMES, Settings, SettingsError, format_number, knob
-from .vgg import UntrainedWeightsWarning, WeightsError
+from .settings import INITS, PRESET_NAMES, InputError, Settings, SettingsError, format_number, knob
 
 # CLI flag -> Settings field, for the flags that map one to one.
 FLAGS = {
@@ -25,9 +20,13 @@ FLAGS = {
 }
 
 
+def program() -> str:
+    """How the user called this: `stylize`, the console command `pip install .` makes, or `python -m stylize`."""
+    return "stylize" if Path(sys.argv[0]).name == "stylize" else "python -m stylize"
+
+
 def parser() -> argparse.ArgumentParser:
-    installed = Path(sys.argv[0]).name == "stylize"  # the console command `pip install .` makes
-    p = argparse.ArgumentParser(prog="stylize" if installed else "python -m stylize",
+    p = argparse.ArgumentParser(prog=program(),
                                 description="Repaint a photo in the style of one or more artworks "
                                             "(neural style transfer on VGG19).")
     p.add_argument("content", nargs="?", help="the photo to repaint")
@@ -52,10 +51,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # before torch is imported: a usage error takes no seconds
     try:
         run(args)
-    except (ImageError, SettingsError, WeightsError) as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -72,13 +71,15 @@ def run(args: argparse.Namespace) -> None:
     style_paths = args.styles or recorded.get("styles", [])
     if recorded and not content_path:
         raise SettingsError(f"{args.from_png} was made in the web app, which does not record file names; give the "
-                            f"photo and style images too: python -m stylize PHOTO STYLE --from {args.from_png}")
+                            f"photo and style images too: {program()} PHOTO STYLE --from {args.from_png}")
     if not content_path or not style_paths:
         raise SettingsError("Give a content image and at least one style image, or --from a PNG made by this tool.")
     mask_path = args.mask or recorded.get("mask")
     settings = Settings.from_json(recorded["settings"]) if recorded else Settings()
     init = args.init or recorded.get("init") or settings.init  # the web app records no init image, only its kind
     if args.preset:
+        from .engine import pick_device
+
         device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
         settings = Settings.from_preset(args.preset, device_kind, **{
             k: v for k, v in vars(settings).items() if k not in ("size", "steps")})
@@ -88,6 +89,12 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise SettingsError(f"The output folder {output.parent} does not exist.")
+    from tqdm import tqdm
+
+    from .engine import result_metadata, transfer  # torch: seconds to import, so only once the arguments hold
+    from .images import load_image, save_png
+    from .vgg import UntrainedWeightsWarning
+
     content = load_image(content_path, "content image")
     styles = [load_image(path, f"style image {path}") for path in style_paths]
     mask = load_image(mask_path, "mask") if mask_path else None
@@ -113,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _recorded_run(path: str) -> dict:
+    from .images import ImageError, png_metadata
+
     try:
         text = png_metadata(path)
     except OSError:

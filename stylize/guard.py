@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
+import math
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,6 +30,7 @@ from starlette.responses import JSONResponse
 from .engine import job_work, transfer
 from .settings import Settings, SettingsError
 
+LOG = logging.getLogger(__name__)
 MAX_JOB_SECONDS = float(os.environ.get("STYLIZE_MAX_JOB_SECONDS", "300"))
 JOBS_PER_CLIENT = int(os.environ.get("STYLIZE_JOBS_PER_CLIENT", "2"))  # waiting or running, at once
 MAX_JOB_PIXELS = int(float(os.environ.get("STYLIZE_MAX_JOB_MEGAPIXELS", "120")) * 1_000_000)  # all its images
@@ -37,7 +41,10 @@ MAX_FILES_PER_UPLOAD = MAX_EXTRA_IMAGES  # the most the page sends at once: a ga
 MAX_REQUEST_BYTES = 2**20  # any other request: a job's inputs are file names, numbers and short text
 MIN_FILE_CHARGE = 64 * 2**10  # a stored file costs a folder and inodes too: it counts as at least this
 SWEEP_SECONDS = min(600, KEEP_SECONDS)
-CALIBRATION = {"size": 128, "steps": 4}  # the transfer timed at start-up: a fraction of a second on a 2-core CPU
+# The transfer the server times: a draft's size, so that its time is mostly the per-pixel work that the work model
+# counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
+SAMPLE = {"size": 256, "steps": 24}
+SAMPLE_PHOTO = (256, 192)  # a photo's usual shape
 GPU_SECONDS_PER_WORK = 2e-7  # a GPU's speed until its first job measures it: a T4's, VGG19 in fp16 at 512 px
 
 
@@ -46,45 +53,69 @@ GPU_SECONDS_PER_WORK = 2e-7  # a GPU's speed until its first job measures it: a 
 class JobClock:
     """This server's speed in seconds per unit of work (`engine.job_work`): what a job will cost before it starts.
 
-    Timed on a small transfer at start-up (`measured`), then taken from each finished job at least that large:
-    smaller ones are dominated by per-step overheads the work model leaves out.
+    Timed in the background on a sample the size of a draft (`time_in_background`; jobs that come meanwhile wait
+    for it), then taken again from every job as it runs, once it has done as much work as the sample: the speed
+    of a busy machine changes, and a smaller piece of work is dominated by per-step costs the work model leaves
+    out. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
     """
 
-    def __init__(self, seconds_per_work: float, least_work: int = 0):
+    def __init__(self, seconds_per_work: float | None = None):
         self.seconds_per_work = seconds_per_work
-        self.least_work = least_work
+        self.timed = threading.Event()  # set once there is a speed to go by
+        if seconds_per_work is not None:
+            self.timed.set()
+        self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
 
-    @classmethod
-    def measured(cls) -> JobClock:
-        photo = Image.effect_noise((CALIBRATION["size"],) * 2, 60).convert("RGB")  # any picture costs the same
-        settings = Settings(**CALIBRATION)
-        deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19 on the device, warms up
-        started = time.perf_counter()
-        deque(transfer(photo, photo, settings), maxlen=0)
-        work = job_work(photo.size, settings)
-        return cls((time.perf_counter() - started) / work, work)
+    def time_in_background(self) -> None:
+        LOG.info("Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
+                 "meanwhile waits for it).", SAMPLE["size"], SAMPLE["steps"])
+        threading.Thread(target=self._time, name="job clock", daemon=True).start()
 
-    def record(self, work: int, seconds: float) -> None:
-        if work >= self.least_work:
-            self.seconds_per_work = seconds / work
+    def _time(self) -> None:
+        try:
+            photo = Image.effect_noise(SAMPLE_PHOTO, 60).convert("RGB")  # any picture costs the same
+            settings = Settings(**SAMPLE)
+            deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19, warms up
+            started = time.perf_counter()
+            deque(transfer(photo, photo, settings), maxlen=0)
+            seconds = time.perf_counter() - started
+            self.seconds_per_work = seconds / self.least_work
+            LOG.info("Timed this server: the sample took %.1f s.", seconds)
+        except Exception:  # the first job measures it instead; the log says why
+            LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
+        finally:
+            self.timed.set()
 
-    def seconds(self, content_size: tuple[int, int], settings: Settings) -> float:
-        return job_work(content_size, settings) * self.seconds_per_work
+    def record(self, work: int, done: float, seconds: float) -> None:
+        """A running job's speed: `done` (a share) of its `work` in `seconds`."""
+        if done * work >= self.least_work:
+            self.seconds_per_work = seconds / (done * work)
 
     def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
         """Refuse a job that would hold the worker longer than MAX_JOB_SECONDS, naming the largest size that fits."""
-        estimate = self.seconds(content_size, settings)
-        if estimate <= MAX_JOB_SECONDS:
+        estimate = self._over_limit(content_size, settings)
+        if estimate is None:
             return
         sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
-        fits = next((size for size in sizes if self._fits(content_size, settings, size)), None)
+        fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size))), None)
         advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
         raise SettingsError(f"A {settings.size} px picture with the {preset} preset would take about "
                             f"{_about(estimate)} on this server; the limit is {_about(MAX_JOB_SECONDS)}. {advice}")
 
-    def _fits(self, content_size: tuple[int, int], settings: Settings, size: int) -> bool:
+    def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
+        """A job's estimated seconds where they pass MAX_JOB_SECONDS; None where it may run."""
+        if MAX_JOB_SECONDS == math.inf:  # no limit: nothing to wait for
+            return None
+        self.timed.wait()
+        work = job_work(content_size, settings)
+        if self.seconds_per_work is None or work <= self.least_work:
+            return None
+        estimate = work * self.seconds_per_work
+        return estimate if estimate > MAX_JOB_SECONDS else None
+
+    def _fits(self, content_size: tuple[int, int], settings: Settings) -> bool:
         try:
-            return self.seconds(content_size, replace(settings, size=size)) <= MAX_JOB_SECONDS
+            return self._over_limit(content_size, settings) is None
         except SettingsError:  # too small for this photo's shape
             return False
 

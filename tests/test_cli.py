@@ -103,6 +103,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(inputs, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert "Upload" not in lines[0]  # nothing is uploaded on the command line
+
+
+@pytest.mark.parametrize("args", [["photo.jpg"], ["photo.jpg", "art.png", "--size", "5"], ["--steps", "x"],
+                                  ["photo.jpg", "art.png", "-o", "no/such/dir/out.png"]])
+def test_a_usage_error_is_said_before_torch_is_imported(args):
+    """torch takes seconds to import: arguments that cannot work are refused without it."""
+    script = f"import sys; from stylize.cli import main\ntry: main({args!r})\nexcept SystemExit: pass\n" \
+             "print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "False" and "error" in result.stderr, result.stderr
 
 
 def test_help_shows_each_flags_range(capsys):
@@ -143,6 +154,15 @@ def test_from_a_web_app_png_without_pictures_says_to_give_them(inputs, capsys):
     save_png(Image.new("RGB", (32, 32)), web, {"stylize:settings": Settings().to_json()})
     assert main(["--from", str(web), "-o", str(inputs / "out.png")]) == 2
     assert "give the photo and style images too" in capsys.readouterr().err
+
+
+def test_called_as_the_stylize_command_its_messages_say_so(inputs, capsys, monkeypatch):
+    web = inputs / "stylized.png"
+    save_png(Image.new("RGB", (32, 32)), web, {"stylize:settings": Settings().to_json()})
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.prefix) / "bin" / "stylize")])
+    assert main(["--from", str(web), "-o", str(inputs / "out.png")]) == 2
+    error = capsys.readouterr().err
+    assert f"stylize PHOTO STYLE --from {web}" in error and "python -m" not in error
 
 
 def test_the_precision_is_chosen_said_and_recorded(inputs, capsys):
