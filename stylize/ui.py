@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import gradio as gr
 from PIL import Image, ImageChops
 from starlette.middleware import Middleware  # gradio's web framework
+from starlette.responses import FileResponse
 
 from . import guard
 from .engine import gpu_names, job_work, pick_device, result_metadata, transfer
@@ -51,6 +52,7 @@ LOG = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
 PREVIEW_IMAGE = ASSETS / "preview.jpg"  # what a link to the app shows
+PREVIEW_ROUTE = "/link-preview.jpg"  # where it is served: gradio's file route would name its place on the server
 TITLE = "Stylize"
 DESCRIPTION = "Repaint a photo in the style of an artwork, and watch it happen."
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
@@ -579,7 +581,8 @@ class LinkPreview:
     """Gives the page the title, description and picture that link previews show. gradio's page template starts
     with fixed ones ("Gradio", a literal "{url}") that no setting reaches, and sets the title from a script, so
     they are replaced in the HTML. With server-side rendering on, gradio's Node server writes the page, title
-    included, and this never sees it."""
+    included, and this never sees it. The picture is served at PREVIEW_ROUTE, a name that says nothing of where
+    the app is installed."""
 
     META = re.compile(rb'\s*<meta\s+(?:property="og:|name="twitter:)[^>]*>', re.DOTALL)
 
@@ -591,6 +594,8 @@ class LinkPreview:
         return Middleware(cls)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] == PREVIEW_ROUTE:
+            return await FileResponse(PREVIEW_IMAGE)(scope, receive, send)
         if scope["type"] != "http" or scope["method"] != "GET" or scope["path"].rstrip("/") != "":
             return await self.app(scope, receive, send)
         start: dict = {}
@@ -619,7 +624,7 @@ class LinkPreview:
         scheme = headers.get("x-forwarded-proto", scope["scheme"])  # behind a proxy (a Space), as the user sees it
         host = headers.get("x-forwarded-host", headers.get("host", "localhost"))
         page = f"{scheme}://{host}{scope.get('root_path', '')}/"
-        image = f"{page}gradio_api/file={PREVIEW_IMAGE}"
+        image = f"{page}{PREVIEW_ROUTE.lstrip('/')}"
         tags = [("property", "og:type", "website"), ("property", "og:url", page), ("property", "og:title", TITLE),
                 ("property", "og:description", DESCRIPTION), ("property", "og:image", image),
                 ("name", "twitter:card", "summary_large_image"), ("name", "twitter:title", TITLE),
