@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+import pydantic
 from PIL import Image, ImageChops
 from starlette.middleware import Middleware  # gradio's web framework
 from starlette.responses import FileResponse
@@ -193,6 +194,7 @@ def build_demo() -> gr.Blocks:
         job.failure(_failed, None, [run, stop, status], **private)
         stop.click(_request_stop, stop_flag, stop, **private)
     _describe_api(demo)
+    _name_malformed_inputs(demo)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
 
@@ -575,6 +577,29 @@ def _describe_api(demo: gr.Blocks) -> None:
         return info
 
     demo.get_api_info = get_api_info
+
+
+# What each of gradio's input models is, to a caller who sent something else in its place.
+INPUT_MODELS = {"ImageData": "The photo or the style artwork", "GalleryData": "The extra style images",
+                "EditorData": "The painted region"}
+
+
+def _name_malformed_inputs(demo: gr.Blocks) -> None:
+    """Give an API caller who sends a malformed image, gallery or region a message. gradio checks each input against
+    its component's model before any handler runs and answers a failed check with an empty error; it offers no
+    hook there, so its `preprocess_data` is wrapped, here only (tests/test_public.py fails if that changes)."""
+    preprocess = demo.preprocess_data
+
+    async def preprocess_data(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await preprocess(*args, **kwargs)
+        except pydantic.ValidationError as error:
+            what = INPUT_MODELS.get(error.title, "An input")
+            raise gr.Error(f"{what} sent is not in the form this app takes: send each image as a file "
+                           "(gradio_client's handle_file), a gallery as a list of them, a region as the image "
+                           "editor's value.") from None
+
+    demo.preprocess_data = preprocess_data
 
 
 class LinkPreview:
