@@ -7,6 +7,7 @@ records become a picture and a status line; nothing here knows about tensors.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -20,8 +21,8 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +63,9 @@ HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
 RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
+CONCURRENCY = int(os.environ.get("STYLIZE_CONCURRENCY", "1"))  # runs at once
+RUN_SLOTS = threading.BoundedSemaphore(CONCURRENCY)  # held by a run's thread while its engine runs
+STOP_POLL_SECONDS = 0.1  # how soon a waiting job sees Stop pressed
 SSR_NODE_MAJOR = 24  # gradio 6.31's launch(): "ssr_mode ... requires Node 24+" (tests/test_ui.py keeps them equal)
 CSS = """
 #status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
@@ -187,7 +191,7 @@ def build_demo() -> gr.Blocks:
                                      style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
                                      history, stop_flag],
                            [result, status, download, gallery, history], api_name="stylize",
-                           concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
+                           concurrency_limit=CONCURRENCY,
                            concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
@@ -256,16 +260,17 @@ def _ssr_check() -> tuple[bool, str]:
         return False, f"{node} does not tell its version"
 
 
-def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
-            content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
-            style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-            history: list | None = None, stop_flag: threading.Event | None = None) -> Iterator[tuple]:
+async def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
+                  content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
+                  style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
+                  history: list | None = None, stop_flag: threading.Event | None = None) -> AsyncIterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
     stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
     if stop.is_set():  # Stop was pressed while this run waited in the queue
         yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
         return
+    frame = None
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
@@ -273,24 +278,85 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             preset, device_kind(), **({} if size is None else {"size": size}), style_strength=style_strength,
             content_strength=content_strength, preserve_colors=preserve_colors, style_scale=style_scale,
             style_weights=_numbers(style_weights), optimizer=optimizer, seed=seed, smoothing=smoothing)
-        photo, styles, region = _job_images(content, style, extra_styles or [], mask or [], settings, preset)
-        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
-            time_left = TimeLeft()
-            for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
+        frames = functools.partial(_frames, content, style, extra_styles or [], mask or [], settings, preset)
+        time_left = TimeLeft()
+        async with aclosing(_in_thread(frames, stop)) as run:
+            async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
                 yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
     except (ImageError, SettingsError) as error:
-        raise gr.Error(str(error)) from None
+        if not stop.is_set():  # else: the Stop ended the decoding (below)
+            raise gr.Error(str(error)) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
         raise gr.Error("The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS.") \
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
-    png = _save(frame)
+    if frame is None:  # stopped while the images were read
+        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        return
+    png = await asyncio.to_thread(_save, frame)
     caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
     history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
     yield png, _ended(frame), png, history, history
+
+
+def _frames(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings, preset: str,
+            halt: threading.Event) -> Iterator[Frame]:
+    """One job's blocking work: its images read, then the engine's frames, until `halt` is set. One run at a time
+    per worker (RUN_SLOTS): a stopped run's thread ends its step after its job has ended, before the next run."""
+    photo, styles, region = _job_images(content, style, extra_styles, layers, settings, preset, halt)
+    with RUN_SLOTS:
+        if halt.is_set():
+            return
+        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
+            yield from run
+
+
+async def _in_thread(make: Callable[[threading.Event], Iterator[Frame]],
+                     stop: threading.Event) -> AsyncIterator[Frame]:
+    """The frames of `make(halt)`, which runs in a thread of its own: the newest each time one is asked for (a
+    preview that a newer one overtook is skipped; the final frame, the last, never is). Until `stop` is set: then
+    this ends at once with what it has. Waiting here is cancelled at once, so a cancelled API job is answered
+    without waiting for the engine's step to end (gradio waits for a thread it runs). When this ends, however it
+    does, `halt` is set: the thread's decoding is killed, its engine ends at its next frame."""
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+    halt = threading.Event()
+    newest: dict[str, Any] = {"frame": None, "done": False, "error": None}
+
+    def work() -> None:
+        try:
+            with closing(make(halt)) as frames:
+                for frame in frames:
+                    newest["frame"] = frame
+                    loop.call_soon_threadsafe(arrived.set)
+                    if halt.is_set():
+                        break
+        except BaseException as error:  # raised where the job waits, below
+            newest["error"] = error
+        finally:
+            newest["done"] = True
+            loop.call_soon_threadsafe(arrived.set)
+
+    threading.Thread(target=work, name="stylize run", daemon=True).start()
+    taken = None
+    try:
+        while True:
+            done, frame = newest["done"], newest["frame"]  # in this order: a done run has stored its last frame
+            if frame is not None and frame is not taken:
+                taken = frame
+                yield frame
+            if done and newest["error"] is not None:
+                raise newest["error"]
+            if done or stop.is_set():
+                return
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), STOP_POLL_SECONDS)  # a Stop is a threading.Event: looked at
+            arrived.clear()
+    finally:
+        halt.set()  # the job ended, or was cancelled: the thread ends too
 
 
 @dataclass(frozen=True)
@@ -465,11 +531,11 @@ def _save(frame: Frame) -> str:
 
 
 def _job_images(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings,
-                preset: str) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
+                preset: str, halt: threading.Event) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
     """The photo, the style images and the painted region of one job. The picture's size, the images' count, each
     file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
     image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
-    at a time."""
+    at a time. Each is decoded in a bounded process of its own (stylize.decoding), which `halt` ends."""
     guard.check_size(settings.size, device_kind() == "gpu")
     limit = guard.MAX_EXTRA_IMAGES
     if len(extra_styles) > limit:
@@ -485,17 +551,18 @@ def _job_images(content: str, style: str, extra_styles: list, layers: list[str],
         raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
                          f"{guard.MAX_JOB_PIXELS / 1e6:.0f}. Use fewer or smaller images.")
     job_clock().check(sizes[0], settings, PRESET_LABELS[preset])
-    photo = load_image(content, "photo", settings.size)
+    photo = load_image(content, "photo", settings.size, halt)
     style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
-    styles = [load_image(path, what, style_side) for path, what in files[1:2 + len(extra_styles)]]
-    return photo, styles, _painted_region(layers, photo.size)
+    styles = [load_image(path, what, style_side, halt) for path, what in files[1:2 + len(extra_styles)]]
+    return photo, styles, _painted_region(layers, photo.size, halt)
 
 
-def _painted_region(layers: list[str], size: tuple[int, int]) -> Image.Image | None:
+def _painted_region(layers: list[str], size: tuple[int, int], halt: threading.Event) -> Image.Image | None:
     """White where any painted layer has paint, at the photo's `size`; None where none has (style everywhere)."""
     if not layers:
         return None
-    region = functools.reduce(ImageChops.lighter, (load_opacity(path, "painted region", size) for path in layers))
+    region = functools.reduce(ImageChops.lighter,
+                              (load_opacity(path, "painted region", size, halt) for path in layers))
     return region if region.getbbox() else None
 
 
