@@ -8,6 +8,7 @@ records become a picture and a status line; nothing here knows about tensors.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -340,7 +341,8 @@ async def _in_thread(make: Callable[[threading.Event], Iterator[Frame]],
             newest["done"] = True
             loop.call_soon_threadsafe(arrived.set)
 
-    threading.Thread(target=work, name="stylize run", daemon=True).start()
+    # With this request's context (gradio's, and ZeroGPU's, which lends the GPU by it), as gradio's own threads have.
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="stylize run", daemon=True).start()
     taken = None
     try:
         while True:
