@@ -317,22 +317,26 @@ def _frames(content: str, style: str, extra_styles: list, layers: list[str], set
 
 async def _in_thread(make: Callable[[threading.Event], Iterator[Frame]],
                      stop: threading.Event) -> AsyncIterator[Frame]:
-    """The frames of `make(halt)`, which runs in a thread of its own: the newest each time one is asked for (a
-    preview that a newer one overtook is skipped; the final frame, the last, never is). Until `stop` is set: then
-    this ends at once with what it has. Waiting here is cancelled at once, so a cancelled API job is answered
-    without waiting for the engine's step to end (gradio waits for a thread it runs). When this ends, however it
-    does, `halt` is set: the thread's decoding is killed, its engine ends at its next frame."""
+    """The frames of `make(halt)`, which runs in a thread of its own and makes each frame once the one before is
+    taken (as gradio pulls a generator's). Until `stop` is set: then this ends at once with what it has. Waiting
+    here is cancelled at once, so a cancelled API job is answered without waiting for the engine's step to end
+    (gradio waits for a thread it runs). When this ends, however it does, `halt` is set: the thread's decoding is
+    killed, its engine ends at its next frame."""
     loop = asyncio.get_running_loop()
     arrived = asyncio.Event()
     halt = threading.Event()
+    handed = threading.Event()  # the newest frame is taken: the thread goes on
     newest: dict[str, Any] = {"frame": None, "done": False, "error": None}
 
     def work() -> None:
         try:
             with closing(make(halt)) as frames:
                 for frame in frames:
+                    handed.clear()
                     newest["frame"] = frame
                     loop.call_soon_threadsafe(arrived.set)
+                    while not handed.wait(STOP_POLL_SECONDS) and not halt.is_set():
+                        pass
                     if halt.is_set():
                         break
         except BaseException as error:  # raised where the job waits, below
@@ -349,6 +353,7 @@ async def _in_thread(make: Callable[[threading.Event], Iterator[Frame]],
             done, frame = newest["done"], newest["frame"]  # in this order: a done run has stored its last frame
             if frame is not None and frame is not taken:
                 taken = frame
+                handed.set()
                 yield frame
             if done and newest["error"] is not None:
                 raise newest["error"]
