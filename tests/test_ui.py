@@ -300,6 +300,7 @@ def test_link_previews_show_the_apps_title_description_and_picture(app):
     assert meta["og:description"] == stylize.ui.DESCRIPTION
     assert "{url}" not in page and 'content="Gradio"' not in page
     assert len(re.findall(r'property="og:title"', page)) == 1  # ours only: a preview takes the first it finds
+    assert str(stylize.ui.ASSETS) not in page and "/assets/" not in meta["og:image"]  # no install path
     image = httpx.get(meta["og:image"], timeout=30)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     with Image.open(io.BytesIO(image.content)) as preview:
