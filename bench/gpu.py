@@ -38,8 +38,8 @@ from stylize.settings import PRESET_NAMES, PRESETS, STYLE_LAYERS
 
 GIB = 2**30
 # --quick: the same sections at sizes and step counts a 2-core CPU gets through in a minute or two.
-QUICK_PRESETS = {"draft": {"size": 128, "steps": 6}, "standard": {"size": 160, "steps": 8},
-                 "fine": {"size": 192, "steps": 10}}
+QUICK_PRESETS = {"draft": {"size": 64, "steps": 3}, "standard": {"size": 96, "steps": 4},
+                 "fine": {"size": 128, "steps": 5}}
 
 
 def step_rows(device: torch.device, sizes: list[int], steps: int) -> list[list[object]]:
@@ -117,7 +117,7 @@ def main() -> None:
     args, device = start(p)
     kind = "cpu" if device.type == "cpu" else "gpu"
     if args.quick:
-        sizes, steps, matrix_size, unit, big, big_steps = [128, 256], 2, 256, 256, 384, 4
+        sizes, steps, matrix_size, unit, big, big_steps = [64, 128], 2, 128, 128, 192, 3
     else:
         sizes, steps, matrix_size, unit, big, big_steps = [512, 1024, 2048], 8, 512, 512, 4096, 20
     presets = QUICK_PRESETS if args.quick else PRESETS[kind]

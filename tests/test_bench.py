@@ -5,11 +5,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import artwork, photo
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# slow: minutes on a shared 2-core machine (bfloat16 is emulated on CPUs without it; a step at 128 px took 7 s
+# under a load of 20)
+@pytest.mark.slow
 def test_gpu_bench_runs_quick_on_a_cpu(tmp_path):
     # The bench's photo and painting, made here: tests never read the shared images or use trained weights.
     photo(512, 384).save(tmp_path / "tubingen.jpg")
@@ -20,7 +24,7 @@ def test_gpu_bench_runs_quick_on_a_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "# weights: untrained" in out
-    for heading in ("1. Per step", "2. tr(M^½)", "3. Presets end to end", "4. A 384 px picture", "5. Bar"):
+    for heading in ("1. Per step", "2. tr(M^½)", "3. Presets end to end", "4. A 192 px picture", "5. Bar"):
         assert heading in out, f"{heading!r} missing from:\n{out}"
     assert "losses.TRACE_SQRT picks _TraceSqrt on cpu" in out
     assert "failed" not in out  # the fresh-process memory run
