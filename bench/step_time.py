@@ -32,7 +32,7 @@ from common import (
     table,
 )
 
-from stylize.engine import SCHEDULE, Schedule, cpu_budget
+from stylize.engine import SCHEDULE, Schedule, cpu_budget, cpu_has_native_bf16
 from stylize.losses import StyleTarget, gaussian, style_loss
 from stylize.settings import STYLE_LAYERS
 
@@ -43,8 +43,11 @@ def single_scale(side: int) -> Schedule:
 
 
 def precisions(device: torch.device) -> list[str]:
-    """The precisions worth timing here: float32, bfloat16, and float16 on a GPU (too slow on CPUs to matter)."""
-    return ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+    """The precisions worth timing here: float32, bfloat16, and float16 on a GPU (too slow on CPUs to matter);
+    bfloat16 on a CPU only where it runs natively (emulated, a step takes minutes)."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if device.type != "cpu" or cpu_has_native_bf16() else ["fp32"]
 
 
 def bare_seconds(vgg: torch.nn.Module, image: torch.Tensor, passes: int) -> float:
