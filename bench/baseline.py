@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torchvision
-from common import load_pair, machine_header
+from common import add_image_arguments, load_pair, machine_header
 
 from stylize.engine import pick_device
 from stylize.losses import BALANCES, StyleTarget, content_loss, gaussian, style_loss, tv_loss
@@ -108,6 +108,7 @@ def run_baseline(net: torch.nn.Module, content: torch.Tensor, style: torch.Tenso
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(p)
     p.add_argument("--size", type=int, default=512, help="long side in pixels")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--device", default="auto")

@@ -68,8 +68,25 @@ def machine_header(device: torch.device) -> str:
             f"# weights: {WEIGHTS} ({resolve_weights(WEIGHTS).kind})")
 
 
-def load_images(content: str = CONTENT, style: str = STYLE) -> tuple[Image.Image, Image.Image]:
-    return load_image(IMAGES / content, "content"), load_image(IMAGES / style, "style")
+PAIR = {"content": IMAGES / CONTENT, "style": IMAGES / STYLE}  # what load_images() reads: --content, --style
+
+
+class _ChosenImage(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
+                 option: str | None = None) -> None:
+        PAIR[self.dest] = value
+        setattr(namespace, self.dest, value)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """--content and --style: any photo and painting, in place of the classic pair in ../shared/images."""
+    for name, default in PAIR.items():
+        parser.add_argument(f"--{name}", type=Path, default=default, action=_ChosenImage,
+                            help=f"the {name} image (default: {default})")
+
+
+def load_images() -> tuple[Image.Image, Image.Image]:
+    return load_image(PAIR["content"], "content"), load_image(PAIR["style"], "style")
 
 
 def load_pair(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +200,7 @@ def run_engine(content: Image.Image, style: Image.Image, settings: Settings, dev
 def start(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device]:
     """Parse a bench's arguments (adding --device), print the machine, warm up; returns (args, device)."""
     parser.add_argument("--device", default="auto", help="auto (the engine's choice), cpu, cuda or mps")
+    add_image_arguments(parser)
     args = parser.parse_args()
     device = pick_device(args.device)
     print(machine_header(device), flush=True)
@@ -215,6 +233,6 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-__all__ = ["STYLE_LAYERS", "WEIGHTS", "EngineRun", "bare_step_seconds", "engine_settings", "engine_vgg",
-           "load_engine_weights", "load_images", "load_pair", "machine_header", "run_engine", "score", "start", "sync",
-           "table", "warm_up"]
+__all__ = ["STYLE_LAYERS", "WEIGHTS", "EngineRun", "add_image_arguments", "bare_step_seconds", "engine_settings",
+           "engine_vgg", "load_engine_weights", "load_images", "load_pair", "machine_header", "run_engine", "score",
+           "start", "sync", "table", "warm_up"]

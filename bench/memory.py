@@ -25,7 +25,15 @@ import time
 
 import torch
 from baseline import run_baseline, textbook_vgg
-from common import engine_settings, load_engine_weights, load_images, load_pair, machine_header, table
+from common import (
+    add_image_arguments,
+    engine_settings,
+    load_engine_weights,
+    load_images,
+    load_pair,
+    machine_header,
+    table,
+)
 
 from stylize import transfer
 from stylize.engine import pick_device
@@ -93,6 +101,7 @@ def history_bytes(pixels: int, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--engine-steps", type=int, default=engine_settings(torch.device("cpu")).steps)
     p.add_argument("--baseline-steps", type=int, default=4)

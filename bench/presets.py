@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from common import (
     WEIGHTS,
+    add_image_arguments,
     bare_step_seconds,
     load_engine_weights,
     load_images,
@@ -48,6 +49,7 @@ def ui_consumer(progress: Progress) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_image_arguments(p)
     p.add_argument("--presets", nargs="+", default=list(PRESET_NAMES), choices=PRESET_NAMES)
     p.add_argument("--quick", action="store_true", help="draft and standard only")
     p.add_argument("--no-before", action="store_true", help="skip the runs as the presets were")

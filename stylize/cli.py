@@ -9,12 +9,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .engine import pick_device, result_metadata, transfer
-from .images import ImageError, load_image, png_metadata, save_png
-from .settings import INITS, PRESET_NAMES, Settings, SettingsError, format_number, knob
-from .vgg import UntrainedWeightsWarning, WeightsError
+from .decoding import ImageError  # Pillow and numpy only: no torch before the arguments hold
+from .settings import INITS, PRESET_NAMES, PRESETS, InputError, Settings, SettingsError, brief, format_number, knob
 
 # CLI flag -> Settings field, for the flags that map one to one.
 FLAGS = {
@@ -25,9 +21,13 @@ FLAGS = {
 }
 
 
+def program() -> str:
+    """How the user called this: `stylize`, the console command `pip install .` makes, or `python -m stylize`."""
+    return "stylize" if Path(sys.argv[0]).name == "stylize" else "python -m stylize"
+
+
 def parser() -> argparse.ArgumentParser:
-    installed = Path(sys.argv[0]).name == "stylize"  # the console command `pip install .` makes
-    p = argparse.ArgumentParser(prog="stylize" if installed else "python -m stylize",
+    p = argparse.ArgumentParser(prog=program(),
                                 description="Repaint a photo in the style of one or more artworks "
                                             "(neural style transfer on VGG19).")
     p.add_argument("content", nargs="?", help="the photo to repaint")
@@ -52,10 +52,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # before torch is imported: a usage error takes no seconds
     try:
         run(args)
-    except (ImageError, SettingsError, WeightsError) as error:
+    except (InputError, ImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -65,29 +65,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    recorded: dict = {}
-    if args.from_png:
-        recorded = _recorded_run(args.from_png)
-    content_path = args.content or recorded.get("content")
-    style_paths = args.styles or recorded.get("styles", [])
-    if recorded and not content_path:
-        raise SettingsError(f"{args.from_png} was made in the web app, which does not record file names; give the "
-                            f"photo and style images too: python -m stylize PHOTO STYLE --from {args.from_png}")
+    recorded = _recorded_run(args.from_png) if args.from_png else {}
+    # Only the files named here are read: a PNG given to --from names files, at most, as a hint.
+    content_path, style_paths, mask_path = args.content, args.styles, args.mask
+    if recorded and not (content_path and style_paths):
+        raise SettingsError(f"{args.from_png} gives the settings; give the photo and style images too: {program()} "
+                            f"PHOTO STYLE --from {args.from_png}{_hint(recorded, 'content', 'styles')}")
     if not content_path or not style_paths:
         raise SettingsError("Give a content image and at least one style image, or --from a PNG made by this tool.")
-    mask_path = args.mask or recorded.get("mask")
-    settings = Settings.from_json(recorded["settings"]) if recorded else Settings()
+    if recorded.get("mask") and not mask_path:
+        raise SettingsError(f"The recorded run used a mask{_hint(recorded, 'mask')}; give it with --mask PATH.")
+    settings = recorded.get("settings", Settings())
     init = args.init or recorded.get("init") or settings.init  # the web app records no init image, only its kind
+    if init not in INITS and not args.init:
+        raise SettingsError(f"The recorded run started from an image{_hint(recorded, 'init')}; give it with "
+                            "--init PATH.")
     if args.preset:
+        from .engine import pick_device
+
         device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
         settings = Settings.from_preset(args.preset, device_kind, **{
             k: v for k, v in vars(settings).items() if k not in ("size", "steps")})
     overrides = {name: getattr(args, flag) for flag, name in FLAGS.items() if getattr(args, flag) is not None}
     settings = replace(settings, **overrides, init=init if init in INITS else "content")
+    if recorded:
+        _say_if_costly(settings, args.from_png)
 
     output = Path(args.output)
     if not output.parent.is_dir():
         raise SettingsError(f"The output folder {output.parent} does not exist.")
+    from tqdm import tqdm
+
+    from .engine import result_metadata, transfer  # torch: seconds to import, so only once the arguments hold
+    from .images import load_image, save_png
+    from .vgg import UntrainedWeightsWarning
+
     content = load_image(content_path, "content image")
     styles = [load_image(path, f"style image {path}") for path in style_paths]
     mask = load_image(mask_path, "mask") if mask_path else None
@@ -113,13 +125,51 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _recorded_run(path: str) -> dict:
+    """The run a PNG records: "settings" (a Settings), and the files it names (content, styles, mask, init)."""
+    from PIL import Image
+
+    from .images import png_metadata
+
     try:
         text = png_metadata(path)
-    except OSError:
-        raise ImageError(f"Cannot read {path}; --from needs a PNG written by this tool.") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # ValueError: text past Pillow's limits
+        raise ImageError(f"Cannot read {path}; --from needs a PNG written by this tool or the web app.") from None
     if "stylize:settings" not in text:
         raise ImageError(f"{path} carries no recorded run; --from needs a PNG written by this tool or the web app.")
-    return {"settings": text["stylize:settings"], **json.loads(text.get("stylize:inputs", "{}"))}
+    try:
+        settings = Settings.from_json(text["stylize:settings"])
+        inputs = json.loads(text.get("stylize:inputs", "{}"))
+        if not isinstance(inputs, dict):
+            raise TypeError
+    except SettingsError as error:
+        raise SettingsError(f"{path} records a setting this tool does not take: {error}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise ImageError(f"{path} records its run in a form this tool cannot read; --from needs a PNG written by "
+                         "this tool or the web app.") from None
+    return {**inputs, "settings": settings}
+
+
+def _hint(recorded: dict, *names: str) -> str:
+    """" (the run used ...)": the files a PNG names, cut short, for a message."""
+    named: list = []
+    for name in names:
+        value = recorded.get(name)
+        named += value if isinstance(value, list) else [value]
+    named = [brief(item) for item in named if item]
+    return f" (the run used {', '.join(named[:4])})" if named else ""
+
+
+def _say_if_costly(settings: Settings, path: str) -> None:
+    """A recorded run heavier than this device's finest preset is said before it starts: it may take hours."""
+    from .engine import pick_device
+
+    device_kind = "cpu" if pick_device(settings.device).type == "cpu" else "gpu"
+    fine = PRESETS[device_kind]["fine"]
+    times = settings.size**2 * settings.steps / (fine["size"] ** 2 * fine["steps"])
+    if times > 1.5:
+        print(f"note: {path} records a {settings.size} px, {settings.steps}-step run, about {times:.0f} times the "
+              f"fine preset's work on this {device_kind.upper()}: it may take a long time. Ctrl+C stops it; "
+              "--size and --steps make it smaller.", file=sys.stderr)
 
 
 def _range(info: dict) -> str:

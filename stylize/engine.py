@@ -210,11 +210,17 @@ def free_memory(device: torch.device) -> int | None:
     try:
         meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
         limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
-        maximum = open("/sys/fs/cgroup/memory.max").read().strip()
-        if maximum != "max":
-            limits.append(int(maximum) - int(open("/sys/fs/cgroup/memory.current").read()))
     except (OSError, KeyError, ValueError):
         pass
+    # The container's limit: cgroup v2, or v1 (which reports no limit as a number near 2**63).
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            maximum = open(f"/sys/fs/cgroup/{limit_file}").read().strip()
+            if maximum != "max" and int(maximum) < 2**60:
+                limits.append(int(maximum) - int(open(f"/sys/fs/cgroup/{usage_file}").read()))
+        except (OSError, ValueError):
+            pass
     return min(limits) if limits else None
 
 

@@ -12,7 +12,11 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
+import math
 import os
+import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,17 +31,23 @@ from starlette.responses import JSONResponse
 from .engine import job_work, transfer
 from .settings import Settings, SettingsError
 
+LOG = logging.getLogger(__name__)
 MAX_JOB_SECONDS = float(os.environ.get("STYLIZE_MAX_JOB_SECONDS", "300"))
 JOBS_PER_CLIENT = int(os.environ.get("STYLIZE_JOBS_PER_CLIENT", "2"))  # waiting or running, at once
 MAX_JOB_PIXELS = int(float(os.environ.get("STYLIZE_MAX_JOB_MEGAPIXELS", "120")) * 1_000_000)  # all its images
 CLIENT_STORAGE = int(float(os.environ.get("STYLIZE_CLIENT_STORAGE_MB", "500")) * 2**20)  # uploads kept at once
+STORAGE = int(float(os.environ.get("STYLIZE_STORAGE_MB", "5000")) * 2**20)  # the app's folder, everyone together
 KEEP_SECONDS = max(1, int(float(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))))
 MAX_EXTRA_IMAGES = 8  # extra style images in one job, and painted layers in one job
 MAX_FILES_PER_UPLOAD = MAX_EXTRA_IMAGES  # the most the page sends at once: a gallery's worth
 MAX_REQUEST_BYTES = 2**20  # any other request: a job's inputs are file names, numbers and short text
 MIN_FILE_CHARGE = 64 * 2**10  # a stored file costs a folder and inodes too: it counts as at least this
+DISK_SECONDS = 60  # how long the app folder's size, once measured, stands (plus the uploads since)
 SWEEP_SECONDS = min(600, KEEP_SECONDS)
-CALIBRATION = {"size": 128, "steps": 4}  # the transfer timed at start-up: a fraction of a second on a 2-core CPU
+# The transfer the server times: a draft's size, so that its time is mostly the per-pixel work that the work model
+# counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
+SAMPLE = {"size": 256, "steps": 24}
+SAMPLE_PHOTO = (256, 192)  # a photo's usual shape
 GPU_SECONDS_PER_WORK = 2e-7  # a GPU's speed until its first job measures it: a T4's, VGG19 in fp16 at 512 px
 
 
@@ -46,45 +56,69 @@ GPU_SECONDS_PER_WORK = 2e-7  # a GPU's speed until its first job measures it: a 
 class JobClock:
     """This server's speed in seconds per unit of work (`engine.job_work`): what a job will cost before it starts.
 
-    Timed on a small transfer at start-up (`measured`), then taken from each finished job at least that large:
-    smaller ones are dominated by per-step overheads the work model leaves out.
+    Timed in the background on a sample the size of a draft (`time_in_background`; jobs that come meanwhile wait
+    for it), then taken again from every job as it runs, once it has done as much work as the sample: the speed
+    of a busy machine changes, and a smaller piece of work is dominated by per-step costs the work model leaves
+    out. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
     """
 
-    def __init__(self, seconds_per_work: float, least_work: int = 0):
+    def __init__(self, seconds_per_work: float | None = None):
         self.seconds_per_work = seconds_per_work
-        self.least_work = least_work
+        self.timed = threading.Event()  # set once there is a speed to go by
+        if seconds_per_work is not None:
+            self.timed.set()
+        self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
 
-    @classmethod
-    def measured(cls) -> JobClock:
-        photo = Image.effect_noise((CALIBRATION["size"],) * 2, 60).convert("RGB")  # any picture costs the same
-        settings = Settings(**CALIBRATION)
-        deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19 on the device, warms up
-        started = time.perf_counter()
-        deque(transfer(photo, photo, settings), maxlen=0)
-        work = job_work(photo.size, settings)
-        return cls((time.perf_counter() - started) / work, work)
+    def time_in_background(self) -> None:
+        LOG.info("Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
+                 "meanwhile waits for it).", SAMPLE["size"], SAMPLE["steps"])
+        threading.Thread(target=self._time, name="job clock", daemon=True).start()
 
-    def record(self, work: int, seconds: float) -> None:
-        if work >= self.least_work:
-            self.seconds_per_work = seconds / work
+    def _time(self) -> None:
+        try:
+            photo = Image.effect_noise(SAMPLE_PHOTO, 60).convert("RGB")  # any picture costs the same
+            settings = Settings(**SAMPLE)
+            deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19, warms up
+            started = time.perf_counter()
+            deque(transfer(photo, photo, settings), maxlen=0)
+            seconds = time.perf_counter() - started
+            self.seconds_per_work = seconds / self.least_work
+            LOG.info("Timed this server: the sample took %.1f s.", seconds)
+        except Exception:  # the first job measures it instead; the log says why
+            LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
+        finally:
+            self.timed.set()
 
-    def seconds(self, content_size: tuple[int, int], settings: Settings) -> float:
-        return job_work(content_size, settings) * self.seconds_per_work
+    def record(self, work: int, done: float, seconds: float) -> None:
+        """A running job's speed: `done` (a share) of its `work` in `seconds`."""
+        if done * work >= self.least_work:
+            self.seconds_per_work = seconds / (done * work)
 
     def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
         """Refuse a job that would hold the worker longer than MAX_JOB_SECONDS, naming the largest size that fits."""
-        estimate = self.seconds(content_size, settings)
-        if estimate <= MAX_JOB_SECONDS:
+        estimate = self._over_limit(content_size, settings)
+        if estimate is None:
             return
         sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
-        fits = next((size for size in sizes if self._fits(content_size, settings, size)), None)
+        fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size))), None)
         advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
         raise SettingsError(f"A {settings.size} px picture with the {preset} preset would take about "
                             f"{_about(estimate)} on this server; the limit is {_about(MAX_JOB_SECONDS)}. {advice}")
 
-    def _fits(self, content_size: tuple[int, int], settings: Settings, size: int) -> bool:
+    def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
+        """A job's estimated seconds where they pass MAX_JOB_SECONDS; None where it may run."""
+        if MAX_JOB_SECONDS == math.inf:  # no limit: nothing to wait for
+            return None
+        self.timed.wait()
+        work = job_work(content_size, settings)
+        if self.seconds_per_work is None or work <= self.least_work:
+            return None
+        estimate = work * self.seconds_per_work
+        return estimate if estimate > MAX_JOB_SECONDS else None
+
+    def _fits(self, content_size: tuple[int, int], settings: Settings) -> bool:
         try:
-            return self.seconds(content_size, replace(settings, size=size)) <= MAX_JOB_SECONDS
+            return self._over_limit(content_size, settings) is None
         except SettingsError:  # too small for this photo's shape
             return False
 
@@ -110,14 +144,42 @@ def _about(seconds: float) -> str:
 
 # --- who a request comes from --------------------------------------------------------------------------------
 
+# The proxies in front of this server whose X-Forwarded-For entries are trusted, as uvicorn's forwarded-allow-ips:
+# a hop count N (the visitor is the address the Nth proxy from here appended: a Space's proxy appends one, and
+# gradio's own Node server passes the header on unchanged), or the proxies' addresses and networks, separated by
+# commas. By default none, except on a Hugging Face Space (SPACE_ID set): anyone can write the header.
+TRUSTED_PROXIES = os.environ.get("STYLIZE_TRUSTED_PROXIES", "1" if os.environ.get("SPACE_ID") else "")
+UNIDENTIFIED = "visitors without an address"  # those a local proxy relays, which share one upload allowance
+
+
 def client_of(peer: str | None, headers: Mapping[str, str], session: str | None) -> str:
-    """Who sent a request, as well as this server can tell: the connection's address; or, when that is a proxy on
-    this machine or its network (a Space's, or gradio's own Node server), the address the proxy passes in
-    X-Forwarded-For; or, from a proxy that passes none (it relays visitors it does not tell apart), the session."""
-    if peer and not _is_private(peer):
-        return peer
-    forwarded = headers.get("x-forwarded-for", "").split(",")[-1].strip()
-    return forwarded or (f"session {session}" if session else peer or "unknown")
+    """Who sent a request, as far as can be trusted: the visitor's address (`visitor_address`); where that is a
+    proxy on this machine or network that is not trusted (gradio's own Node server relays every visitor from
+    127.0.0.1), the browser session, or, for a request without one (an upload), all such visitors together."""
+    address = visitor_address(peer, headers.get("x-forwarded-for", ""))
+    if address is not None and (address != peer or not _is_private(address)):
+        return address
+    return f"session {session}" if session else UNIDENTIFIED
+
+
+def visitor_address(peer: str | None, forwarded: str) -> str | None:
+    """The address a request comes from, taking from X-Forwarded-For only what trusted proxies appended: with a
+    hop count N, the Nth address from the right, or the peer where there are fewer (the request bypassed the
+    proxies); with proxy addresses, the first address that is not one, from the peer leftwards."""
+    chain = [peer, *reversed([entry.strip() for entry in forwarded.split(",") if entry.strip()])]
+    if TRUSTED_PROXIES.strip().isdigit():
+        hops = int(TRUSTED_PROXIES)
+        return chain[hops] if len(chain) > hops else peer
+    proxies = [ipaddress.ip_network(entry.strip(), strict=False) for entry in TRUSTED_PROXIES.split(",")
+               if entry.strip()]
+    return next((address for address in chain if not _is_one_of(address, proxies)), chain[-1])
+
+
+def _is_one_of(address: str | None, networks: list) -> bool:
+    try:
+        return any(ipaddress.ip_address(address or "") in network for network in networks)
+    except ValueError:  # no address, or junk in a header: not a proxy of ours
+        return False
 
 
 def _is_private(address: str) -> bool:
@@ -133,7 +195,8 @@ class Guard:
     """ASGI middleware in front of the app's routes: bounds what one request carries and what one client holds.
 
     - An upload needs a Content-Length and may carry at most MAX_FILES_PER_UPLOAD files; what one client has
-      uploaded within KEEP_SECONDS (the time files are kept) may not pass CLIENT_STORAGE.
+      uploaded within KEEP_SECONDS (the time files are kept) may not pass CLIENT_STORAGE, and the app's folder,
+      measured on disk (so a restart forgets nothing), may not pass STORAGE.
     - Any other request may carry at most MAX_REQUEST_BYTES.
     - A client may have at most JOBS_PER_CLIENT jobs waiting or running: `clients_in_line(app)` names the client of
       each job in the queue, and joins still on their way in are counted here, so a burst cannot slip past.
@@ -146,8 +209,12 @@ class Guard:
         self.joining: Counter[str] = Counter()  # joins on their way into the queue, by client
         self.uploads: deque[tuple[float, str, int]] = deque()  # (time, client, bytes) within KEEP_SECONDS
         self.stored: Counter[str] = Counter()  # the bytes of those uploads, by client
+        self.disk = (-math.inf, 0)  # (when, bytes): the folder's size on disk when last measured
+        self.disk_since = 0  # bytes uploaded since
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            return await self.app(_one_range_at_most(scope), receive, send)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if scope["path"].endswith("/upload"):
@@ -155,8 +222,14 @@ class Guard:
         body = await _body(receive, MAX_REQUEST_BYTES)
         if body is None:
             return await _refuse(scope, receive, send, 413, "The request is too large.")
+        try:
+            data = json.loads(body)
+        except RecursionError:  # the routes would read it the same way, and fail so with a 500
+            return await _refuse(scope, receive, send, 400, "The request's JSON is nested too deeply.")
+        except ValueError:  # not JSON: for the route to answer
+            data = None
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
-            return await self._join(scope, _replay(body, receive), send, _session(body))
+            return await self._join(scope, _replay(body, receive), send, _session(data))
         await self.app(scope, _replay(body, receive), send)
 
     async def _join(self, scope: dict, receive: Callable, send: Callable, session: str | None) -> None:
@@ -180,6 +253,10 @@ class Guard:
         if not length.isdigit():
             await _drain(receive)
             return await _refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
+        if await self._disk_used() + int(length) > STORAGE:
+            await _drain(receive)
+            return await _refuse(scope, receive, send, 507, "The server's space for uploads is full; try again in "
+                                 "a while.")
         self._forget_old_uploads()
         stored = self.stored[client]
         if stored + int(length) > CLIENT_STORAGE:
@@ -201,7 +278,15 @@ class Guard:
             charge = max(int(length), len(files) * MIN_FILE_CHARGE)
             self.uploads.append((time.monotonic(), client, charge))
             self.stored[client] += charge
+            self.disk_since += charge
         await response.replay(send)
+
+    async def _disk_used(self) -> int:
+        """Bytes in the app's folder: measured on disk at most every DISK_SECONDS, plus the uploads since."""
+        if self.disk[0] < time.monotonic() - DISK_SECONDS:
+            self.disk = (time.monotonic(), await asyncio.to_thread(_bytes_under, self.folder))
+            self.disk_since = 0
+        return self.disk[1] + self.disk_since
 
     def _forget_old_uploads(self) -> None:
         """Uploads older than KEEP_SECONDS are deleted from disk by now: they no longer count."""
@@ -220,16 +305,33 @@ class Guard:
                     path.parent.rmdir()  # gradio keeps each upload in a folder of its own
 
 
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):  # deleted meanwhile
+                total += (Path(directory) / name).lstat().st_size
+    return total
+
+
 def _peer(scope: dict) -> str | None:
     return scope["client"][0] if scope.get("client") else None
 
 
-def _session(body: bytes) -> str | None:
-    try:
-        session = json.loads(body).get("session_hash")
-    except (ValueError, AttributeError):
-        return None
+def _session(data: Any) -> str | None:
+    session = data.get("session_hash") if isinstance(data, dict) else None
     return session if isinstance(session, str) else None
+
+
+_ONE_RANGE = re.compile(rb"bytes=\d*-\d*")
+
+
+def _one_range_at_most(scope: dict) -> dict:
+    """The request without a Range header that asks for anything but one range of bytes: gradio's file route
+    reads one range only and fails (500) on several. A server may ignore Range: those get the whole file."""
+    headers = [(key, value) for key, value in scope["headers"]
+               if key.lower() != b"range" or _ONE_RANGE.fullmatch(value.strip())]
+    return scope if len(headers) == len(scope["headers"]) else {**scope, "headers": headers}
 
 
 async def _body(receive: Callable, limit: int) -> bytes | None:

@@ -1,8 +1,8 @@
 """Decode, validate, orient and resize images; colour-space helpers on tensors.
 
 Uploads are untrusted: sizes in bytes and pixels are checked before any pixel
-is decoded, and every failure a user can cause raises `ImageError` with a
-message that says what to do.
+is decoded, decoding itself is bounded (`decoding`), and every failure a user
+can cause raises `ImageError` with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import io
 import math
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-MAX_BYTES = int(float(os.environ.get("STYLIZE_MAX_UPLOAD_MB", "20")) * 2**20)
-MAX_PIXELS = int(float(os.environ.get("STYLIZE_MAX_MEGAPIXELS", "40")) * 1_000_000)
+from .decoding import MAX_BYTES, MAX_PIXELS, ImageError, decode, refuse_metadata_bomb, shrunk, to_rgb, truncated
+from .decoding import fit as fit  # part of this module's interface: the engine sizes its scales with it
+
 MIN_SIDE = 16
 MAX_ASPECT = 8.0
 # A progressive JPEG has about 10 scans; libjpeg decodes every scan over the whole picture, so a file
@@ -28,29 +30,19 @@ MAX_ASPECT = 8.0
 MAX_SCANS = 100
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
-# Pillow refuses anything larger than this outright, wherever it decodes (gradio included).
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageError(ValueError):
-    """An image a user gave cannot be used; the message says why and what to do."""
-
 
 def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "image",
-               max_side: int | None = None) -> Image.Image:
+               max_side: int | None = None, stop: threading.Event | None = None) -> Image.Image:
     """Open `source` as an upright 8-bit RGB image, refusing what cannot or should not be decoded.
 
-    With `max_side`, an image whose long side is longer is shrunk to it as soon as it is decoded,
-    so that a large upload holds its full-size pixels only for a moment.
+    A file is checked here (bytes, format, header), then decoded in a bounded child process (`decoding`), which
+    `stop` being set ends at once. With `max_side`, an image whose long side is longer is shrunk to it as soon
+    as it is decoded, so that a large upload never reaches this process at full size.
     """
     if isinstance(source, Image.Image):
-        image = _to_rgb(_checked_shape(source, what))
-    else:
-        with _opened(source, what) as opened:
-            image = _to_rgb(_decoded(opened, what))
-    if max_side is not None and max(image.size) > max_side:
-        image = image.resize(fit(image.size, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return image
+        return shrunk(to_rgb(_checked_shape(source, what)), max_side)
+    _opened(source, what).close()
+    return decode(source, what, max_side=max_side, stop=stop)
 
 
 def image_size(source: str | os.PathLike | bytes, what: str = "image") -> tuple[int, int]:
@@ -59,11 +51,11 @@ def image_size(source: str | os.PathLike | bytes, what: str = "image") -> tuple[
         return image.size
 
 
-def load_opacity(source: str | os.PathLike | bytes, what: str, size: tuple[int, int]) -> Image.Image:
+def load_opacity(source: str | os.PathLike | bytes, what: str, size: tuple[int, int],
+                 stop: threading.Event | None = None) -> Image.Image:
     """The opacity of an image (a painted layer) as greyscale of `size`: 255 wherever any paint is, else 0."""
-    with _opened(source, what) as image:
-        alpha = _decoded(image, what).convert("RGBA").getchannel("A")
-    return alpha.point(lambda value: 255 if value else 0).resize(size, Image.Resampling.LANCZOS)
+    _opened(source, what).close()
+    return decode(source, what, opacity_size=size, stop=stop)
 
 
 def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
@@ -76,10 +68,10 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
             raise ImageError(f"The {what} file {path.name!r} does not exist.")
         size, opener, contents = path.stat().st_size, lambda: path, path.read_bytes
     if size == 0:
-        raise ImageError(f"The {what} file is empty. Upload a JPEG, PNG or WebP image.")
+        raise ImageError(f"The {what} file is empty. Use a JPEG, PNG or WebP image.")
     if size > MAX_BYTES:
         raise ImageError(f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. "
-                         "Upload a smaller file.")
+                         "Use a smaller file.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
@@ -87,17 +79,17 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
             raise ImageError(f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} "
-                             "megapixels. Upload a smaller image.") from None
-        _refuse_metadata_bomb(error, what)
+                             "megapixels. Use a smaller image.") from None
+        refuse_metadata_bomb(error, what)
         raise ImageError(f"The {what} is not an image this app can read. "
-                         "Upload a JPEG, PNG or WebP image.") from None
+                         "Use a JPEG, PNG or WebP image.") from None
     try:
         if image.format not in FORMATS:
-            raise ImageError(f"The {what} is in {image.format} format. Upload a JPEG, PNG or WebP image.")
+            raise ImageError(f"The {what} is in {image.format} format. Use a JPEG, PNG or WebP image.")
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
-                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Upload a smaller image.")
+                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image.")
         _checked_shape(image, what)
         if image.format in ("JPEG", "MPO"):
             _check_jpeg(contents(), image.size, what)
@@ -105,28 +97,6 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
         image.close()
         raise
     return image
-
-
-def _decoded(image: Image.Image, what: str) -> Image.Image:
-    """`image` with its pixels decoded (the first frame of an animation)."""
-    try:
-        image.seek(0)
-        image.load()
-    except Exception as error:
-        _refuse_metadata_bomb(error, what)
-        raise _truncated(what) from None
-    return image
-
-
-def _truncated(what: str) -> ImageError:
-    return ImageError(f"The {what} file is truncated or corrupt. Upload it again or try another image.")
-
-
-def _refuse_metadata_bomb(error: Exception, what: str) -> None:
-    """PNG text and colour-profile chunks inflate like a zip bomb; Pillow stops them past its MAX_TEXT_* limits."""
-    if isinstance(error, ValueError) and "MAX_TEXT" in str(error):
-        raise ImageError(f"The {what}'s metadata (text or colour profile) is too large. Save the image again "
-                         "without metadata, or try another image.") from None
 
 
 # The end of a scan's entropy-coded data: a marker, that is 0xFF followed by anything but a stuffed zero,
@@ -161,7 +131,7 @@ def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
                          "Open it in an image editor and save it again as a standard JPEG or a PNG.")
     # Huffman coding spends at least one bit on every 8x8 block's DC coefficient.
     if huffman and coded * 8 < math.ceil(size[0] / 8) * math.ceil(size[1] / 8):
-        raise _truncated(what)
+        raise truncated(what)
 
 
 def _checked_shape(image: Image.Image, what: str) -> Image.Image:
@@ -173,31 +143,6 @@ def _checked_shape(image: Image.Image, what: str) -> Image.Image:
         raise ImageError(f"The {what} is {width}x{height} pixels, longer than {MAX_ASPECT:g}:1. "
                          "Crop it to a less extreme shape.")
     return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB; transparency is flattened onto white, 16-bit data scaled, not clipped."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        data = np.asarray(image, dtype=np.float32)  # in place from here: a 40-megapixel image takes 160 MB
-        high = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
-        data *= 255 / high
-        data += 0.5
-        image = Image.fromarray(np.clip(data, 0, 255, out=data).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return image.convert("RGB")
-
-
-def fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
-    """(width, height) with the given long side and the aspect of `size`."""
-    width, height = size
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -14,8 +14,15 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .vgg import LAYER_NAMES
-
+BLOCK_DEPTHS = (2, 2, 4, 4, 4)
+# The names of VGG19's layers (stylize.vgg builds the network from them; here, settings name them without
+# importing torch), as in torchvision's vgg19().features, in order: conv1_1, relu1_1, ... pool5.
+LAYER_NAMES = tuple(
+    name
+    for block, depth in enumerate(BLOCK_DEPTHS, start=1)
+    for name in [n for i in range(1, depth + 1) for n in (f"conv{block}_{i}", f"relu{block}_{i}")]
+    + [f"pool{block}"]
+)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PRESERVE_COLORS = ("off", "luminance", "histogram")
 INITS = ("content", "noise")
@@ -42,7 +49,12 @@ MIN_TILE_SIZE = 256  # smaller tiles would be mostly the overlap they share with
 ECHO_LENGTH = 40  # the most characters of a user's value that a message repeats
 
 
-class SettingsError(ValueError):
+class InputError(ValueError):
+    """Something a user gave (a setting, an image, a weights file) cannot be used; the message says why. Defined
+    here, where no torch is imported: the command line catches it before it has imported torch."""
+
+
+class SettingsError(InputError):
     """A setting a user chose is not allowed; the message says what is."""
 
 
@@ -77,7 +89,7 @@ class Settings:
     init: str = _knob("content", choices=INITS, label="Start from",
                       help="The image the optimization starts from.")
     optimizer: str = _knob("adam", choices=OPTIMIZERS, label="Optimizer",
-                           help="Adam reaches a given loss sooner on this objective (bench/README.md); "
+                           help="Adam reaches a given loss sooner on this objective; "
                                 "L-BFGS, the classic choice, is slower to get there.")
     seed: int = _knob(0, low=0, high=2**31 - 1, label="Seed",
                       help="Same inputs, settings, seed and device give the same pixels.")

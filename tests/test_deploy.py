@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import artwork, live_app, photo
 from gradio_client import Client, handle_file
+from PIL import Image
 
 import stylize.engine
 import stylize.ui
@@ -148,7 +149,61 @@ def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
     assert "preset's size" in schema["properties"]["size"]["description"]
 
 
+def test_an_assistant_calls_the_mcp_tool_with_pictures_and_gets_the_picture(tmp_path, pictures):
+    """The README's way for an assistant on any machine: the pictures as data: URLs (a URL on 127.0.0.1 is refused
+    by gradio's server-side request forgery check, and a bare path is not taken). Every job used to come back as
+    "pop index out of range"; a refusal comes back with its own message."""
+    pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
+    import asyncio
+    import base64
+
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    def data_url(path: str) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+    async def call(url: str, **arguments: object) -> object:
+        async with streamablehttp_client(url) as (read, write, _), ClientSession(read, write) as session:
+            await session.initialize()
+            return await session.call_tool("stylize", arguments)
+
+    with pytest.warns() as warned, live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true") as app:
+        url = f"{app.local_url}gradio_api/mcp/"
+        done = asyncio.run(call(url, content=data_url(pictures[0]), style=data_url(pictures[1]), preset="draft"))
+        refused = asyncio.run(call(url, content=data_url(pictures[0]), style=data_url(pictures[1]), seed=-1))
+    assert not [w for w in warned if "gr.State" in str(w.message)]  # no State in the tool: nothing to warn of
+    assert not done.isError, done.content
+    images = [item for item in done.content if item.type == "image"]
+    assert images and Image.open(io.BytesIO(base64.b64decode(images[0].data))).size == (64, 48)
+    assert any("Done in" in item.text for item in done.content if item.type == "text")
+    assert refused.isError and "seed must be between 0 and" in refused.content[0].text
+
+
 # --- the README ---------------------------------------------------------------------------------
+
+def test_python_app_py_says_what_it_does_at_start_up_and_times_the_server_in_the_background(tmp_path):
+    """It used to show torch's download line, then nothing for the length of an unannounced timing run."""
+    env = {**os.environ, "STYLIZE_WEIGHTS": "untrained", "GRADIO_SERVER_PORT": "7871", "GRADIO_SSR_MODE": "false",
+           "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in server.stdout:
+            lines.append(line)
+            if "Running on local URL" in line:
+                break
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    said = "".join(lines)
+    steps = ["Loading the VGG19 weights", "Degraded mode", "Timing this server in the background",
+             "Running on local URL"]
+    assert all(step in said for step in steps), said
+    assert sorted(steps, key=said.index) == steps, said  # in this order: the page is up while the timing runs
+
+
 
 def readme_section(title: str) -> str:
     text = (ROOT / "README.md").read_text()

@@ -2,13 +2,16 @@
 
 import io
 import struct
+import threading
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from stylize import ImageError, load_image
+from stylize import ImageError, decoding, load_image
 from stylize import images as images_module
 
 
@@ -156,7 +159,7 @@ def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding(t
     bomb = progressive((2000, 2000), repeats=5000)  # about 10 s of decoding
     assert len(bomb) < 100_000
     decoded = []
-    monkeypatch.setattr(images_module, "_decoded", lambda *args: decoded.append(args))
+    monkeypatch.setattr(images_module, "decode", lambda *args, **kwargs: decoded.append(args))
     with pytest.raises(ImageError, match=r"5010 scans .* the limit is 100"):
         load_image(write(tmp_path, "bomb.jpg", bomb))
     with pytest.raises(ImageError, match="scans"):
@@ -196,3 +199,89 @@ def test_the_opacity_of_a_painted_layer():
     opacity = images_module.load_opacity(encoded(layer, "PNG"), "painted region", (40, 20))
     assert opacity.mode == "L" and opacity.size == (40, 20)
     assert opacity.getpixel((5, 10)) == 255 and opacity.getpixel((35, 10)) == 0
+
+
+# --- decoding itself is bounded ------------------------------------------------------------------------------
+
+@pytest.fixture
+def decoders(monkeypatch):
+    """The decoding processes this test starts, in order; a stall that the header checks let through (they race
+    the decoder: here they are told to allow any number of scans)."""
+    started = []
+    take = decoding.DECODERS.take
+
+    def watched():
+        started.append(take())
+        return started[-1]
+    monkeypatch.setattr(decoding.DECODERS, "take", watched)
+    monkeypatch.setattr(images_module, "MAX_SCANS", 10**6)
+    return started
+
+
+def limits(pid: int) -> dict[str, str]:
+    rows = Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]
+    return {row[:26].strip(): row[26:47].strip() for row in rows}
+
+
+def gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+STALL = progressive((2000, 2000), repeats=5000)  # about 10 s of decoding, in a few kilobytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc")
+def test_a_file_that_stalls_the_decoder_is_killed_at_its_deadline(decoders, monkeypatch):
+    monkeypatch.setattr(decoding, "DECODE_SECONDS", 1.5)
+    seen = {}
+
+    def look():  # the child's own limits once it has read its request, while it decodes
+        while not decoders:
+            time.sleep(0.01)
+        while not gone(decoders[0].pid) and seen.get("Max cpu time", "unlimited") == "unlimited":
+            seen.update(limits(decoders[0].pid))
+            time.sleep(0.02)
+    watcher = threading.Thread(target=look)
+    watcher.start()
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=r"takes too long to decode \(over 1.5 s\)"):
+        load_image(STALL, "photo")
+    assert time.monotonic() - started < 3
+    watcher.join()
+    assert seen["Max cpu time"] != "unlimited" and int(seen["Max cpu time"]) <= 4
+    assert seen["Max address space"] != "unlimited"
+    assert decoders[0].returncode == -9 and gone(decoders[0].pid)  # killed, reaped: no CPU spent after its job
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc")
+def test_stopping_a_job_kills_its_decoding_at_once(decoders):
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    with pytest.raises(ImageError, match="Stopped while reading the photo"):
+        load_image(STALL, "photo", stop=stop)
+    assert decoders[0].returncode == -9 and gone(decoders[0].pid)
+
+
+def test_a_decoder_past_its_memory_cap_is_refused(decoders, monkeypatch):
+    monkeypatch.setattr(decoding, "DECODE_MEMORY", 2**20)
+    with pytest.raises(ImageError, match="more time or memory"):
+        load_image(encoded(Image.effect_noise((3000, 3000), 50), "PNG"))
+
+
+def test_ordinary_decoding_costs_little_more_than_decoding_in_process():
+    data = encoded(Image.effect_noise((512, 512), 50).convert("RGB"), "PNG")
+    load_image(data)  # the first starts a decoder; the next finds one ready
+    time.sleep(1)
+    started = time.monotonic()
+    assert load_image(data).size == (512, 512)
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_32_bit_tiffs_decode_scaled(tmp_path, mode):
+    values = np.linspace(0, 200, 64 * 48, dtype=np.float32).reshape(48, 64)
+    image = Image.fromarray(values if mode == "F" else values.astype(np.int32))
+    assert image.mode == mode
+    for source in (encoded(image, "TIFF"), image):  # a file, and a picture already open
+        loaded = np.asarray(load_image(source))
+        assert loaded.shape == (48, 64, 3) and loaded[0, 0, 0] == 0 and loaded[-1, -1, 0] == 200

@@ -1,6 +1,7 @@
 """`pip install .` in a fresh virtual environment gives the package, its metadata and the `stylize` command."""
 
 import shutil
+import site
 import subprocess
 import venv
 from pathlib import Path
@@ -11,10 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pip_install_gives_the_package_and_the_stylize_command(tmp_path):
-    # The environment sees this machine's packages (torch is gigabytes) but installs the project afresh,
-    # building it with the setuptools it has rather than one fetched for the build.
-    venv.create(tmp_path / "env", system_site_packages=True)  # pip and setuptools: this machine's
+    # The environment sees the packages of the one running the tests (torch is gigabytes; requirements-dev.txt
+    # brings the setuptools the build needs), not the base Python's, which may hold an older setuptools: the
+    # build runs with what the test run was installed with, and installs the project afresh.
+    venv.create(tmp_path / "env")
     python, command = tmp_path / "env" / "bin" / "python", tmp_path / "env" / "bin" / "stylize"
+    inherited = "".join(f"import site; site.addsitedir({folder!r})\n" for folder in site.getsitepackages())
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    (Path(own) / "inherited.pth").write_text(inherited)  # after the environment's own folder: its install wins
     source = tmp_path / "source"  # what the build reads, copied: it leaves its build folders beside it
     shutil.copytree(ROOT / "stylize", source / "stylize", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE", "requirements.txt"):

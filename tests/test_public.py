@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -190,7 +191,8 @@ def raw_join(base: str, session: str, client_address: str, content: dict, style:
                       json={"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None})
 
 
-def test_one_client_may_not_fill_the_queue(app, good, gate):
+def test_one_client_may_not_fill_the_queue(app, good, gate, monkeypatch):
+    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "127.0.0.1")  # as if a proxy here told visitors apart
     base, visitor, neighbour = app.local_url, "151.101.1.1", "151.101.2.2"
     photo_file, art_file = reliability.upload(base, good[0]), reliability.upload(base, good[1])
     mine = Client(base, verbose=False, headers={"X-Forwarded-For": visitor})
@@ -269,6 +271,7 @@ def test_one_upload_may_not_carry_a_thousand_files(app, client, good):
 def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     noise = encoded(Image.effect_noise((200, 160), 80).convert("RGB"), "PNG")  # about 100 KB
     monkeypatch.setattr(guard, "CLIENT_STORAGE", int(len(noise) * 2.5))  # room for two
+    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "127.0.0.1")  # as if a proxy here told visitors apart
 
     def send(address: str) -> httpx.Response:
         return httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("noise.png", noise)}, timeout=60,
@@ -278,6 +281,8 @@ def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     refusal = send("151.101.3.3").json()["detail"]
     assert refusal.startswith("You have uploaded 0.2 MB in the last ") and "the most one visitor may store" in refusal
     assert send("151.101.4.4").status_code == 200  # another visitor's allowance is their own
+    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "")  # the default: nobody's X-Forwarded-For is believed
+    assert [send(f"151.101.5.{i}").status_code for i in range(4)] == [200, 200, 429, 429]  # made-up addresses
     monkeypatch.undo()  # this test's uploads from here have used more than that already
     reliability.normal_job(client, good)
 
@@ -337,3 +342,123 @@ def test_a_result_records_the_weights_kind_and_no_server_path(app, good):
         assert json.loads(png.text["stylize:settings"])["weights"] == "auto"
         assert png.text["stylize:weights"] == "untrained"
         reliability.assert_clean(" ".join(png.text.values()))
+
+
+# --- identities nobody can forge ----------------------------------------------------------------------------------
+
+def bases(app) -> list[str]:
+    """Through gradio's Node server (with server-side rendering on) and straight to the Python server."""
+    return sorted({app.local_url, f"http://127.0.0.1:{app.server_port}/"})
+
+
+def test_made_up_forwarded_addresses_do_not_make_new_visitors(app, good, gate):
+    """With no proxy trusted (the default), a visitor who writes a new X-Forwarded-For on each join is still one
+    visitor: the session's (gradio's Node server relays everyone from 127.0.0.1), not one per made-up address."""
+    for base in bases(app):
+        photo_file, art_file = reliability.upload(base, good[0]), reliability.upload(base, good[1])
+        session = uuid.uuid4().hex
+        statuses = [raw_join(base, session, f"151.101.7.{i}", photo_file, art_file).status_code
+                    for i in range(guard.JOBS_PER_CLIENT + 2)]
+        assert statuses == [200] * guard.JOBS_PER_CLIENT + [429, 429], base
+    gate.set()
+    wait_until(lambda: not stylize.ui._clients_in_line(app.app), timeout=180, what="the jobs to finish")
+
+
+# --- requests gradio's routes would answer with a 500 ----------------------------------------------------------
+
+def test_deeply_nested_json_and_many_ranges_get_an_answer_not_a_500(app, good, capfd):
+    upload = reliability.upload(app.local_url, good[0])["path"]
+    for base in bases(app):
+        deep = httpx.post(f"{base}gradio_api/queue/join", content=b"[" * 100_000 + b"]" * 100_000, timeout=60,
+                          headers={"content-type": "application/json"})
+        assert deep.status_code == 400 and deep.json()["detail"] == "The request's JSON is nested too deeply."
+        ranges = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 5}" for i in range(150))
+        whole = httpx.get(f"{base}gradio_api/file={upload}", headers={"range": ranges}, timeout=60)
+        assert whole.status_code == 200 and whole.content == Path(good[0]).read_bytes()
+        one = httpx.get(f"{base}gradio_api/file={upload}", headers={"range": "bytes=0-9"}, timeout=60)
+        assert one.status_code == 206 and one.content == Path(good[0]).read_bytes()[:10]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("content", "junk", "The photo or the style artwork sent is not in the form this app takes"),
+    ("content", {"path": 5}, "The photo or the style artwork sent"),
+    ("extra_styles", "junk", "The extra style images sent"),
+    ("extra_styles", [{"bad": 1}], "The extra style images sent"),
+    ("mask", "junk", "The painted region sent"),
+    ("mask", {"layers": [5]}, "The painted region sent"),
+])
+def test_a_malformed_image_gallery_or_region_gets_a_message(app, good, field, value, message):
+    base = app.local_url
+    session = uuid.uuid4().hex
+    with httpx.Client(timeout=120) as http:
+        reliability.join(http, base, session, content=reliability.upload(base, good[0]),
+                         style=reliability.upload(base, good[1]), preset="draft", **{field: value})
+        done = next(m for m in reliability.messages(http, base, session) if m["msg"] == "process_completed")
+    assert done["success"] is False and done["output"]["error"].startswith(message)
+
+
+# --- decoding and stopping are bounded ----------------------------------------------------------------------------
+
+@pytest.fixture
+def decoders(monkeypatch):
+    """Each decoding process the app starts; and a file that stalls the decoder gets past the header checks
+    (they race the decoder: here they allow any number of scans)."""
+    import stylize.decoding
+    import stylize.images
+
+    started = []
+    take = stylize.decoding.DECODERS.take
+    monkeypatch.setattr(stylize.decoding.DECODERS, "take", lambda: started.append(take()) or started[-1])
+    monkeypatch.setattr(stylize.images, "MAX_SCANS", 10**6)
+    return started
+
+
+def test_a_file_that_stalls_the_decoder_is_cut_off_and_the_next_job_runs(client, good, folder, decoders,
+                                                                          monkeypatch):
+    import stylize.decoding
+    monkeypatch.setattr(stylize.decoding, "DECODE_SECONDS", 1.5)
+    stall = file_of(folder, "stall.jpg", progressive((2000, 2000), repeats=5000))  # 10 s of decoding
+    reliability.refused(client, good, "The photo takes too long to decode (over 1.5 s)", content=handle_file(stall))
+    assert decoders[0].returncode == -9  # killed at its deadline
+
+
+def test_stop_while_a_file_is_decoded_kills_the_decoder_at_once(client, good, folder, decoders):
+    stall = file_of(folder, "stall.jpg", progressive((2000, 2000), repeats=5000))
+    job = client.submit(content=handle_file(stall), style=handle_file(good[1]), preset="draft", api_name="/stylize")
+    wait_until(lambda: decoders and decoders[0].poll() is None, what="the photo's decoding")
+    started = time.monotonic()
+    assert job.cancel()
+    wait_until(lambda: decoders[0].poll() is not None, timeout=2, what="the decoder to be killed")
+    assert time.monotonic() - started < 2 and decoders[0].returncode == -9
+    reliability.normal_job(client, good)
+
+
+def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monkeypatch):
+    """A step of a big job can take many seconds; cancelling the job answers before it ends (gradio_client gives a
+    cancel 5 s), and the engine stops at the end of that step."""
+    step = threading.Event()
+    real = stylize.ui.transfer
+
+    def slow(*args, **kwargs):
+        steps = real(*args, **kwargs)
+
+        def stream():
+            try:
+                yield next(steps)
+                assert step.wait(timeout=120)  # a long step: until the test ends it
+                yield from steps
+            finally:
+                steps.close()
+        return stream()
+    monkeypatch.setattr(stylize.ui, "transfer", slow)
+    job = client.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="fine", api_name="/stylize")
+    next(iter(job))  # its first picture: the long step has begun
+    started = time.monotonic()
+    assert job.cancel()
+    assert time.monotonic() - started < 2
+    step.set()
+    assert engine_runs[0]["closed"].wait(timeout=30)
+    assert engine_runs[0]["steps"] < reliability.SMALL["fine"]["steps"]
+    monkeypatch.undo()
+    reliability.normal_job(client, good)

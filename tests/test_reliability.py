@@ -368,11 +368,10 @@ def test_simultaneous_users_each_get_their_own_picture_or_are_told_to_wait(app, 
         gate.set()
 
     for i in (0, 1, 2, 4):
-        picture, status, download, gallery = jobs[i].result(timeout=120)
+        picture, status, download = jobs[i].result(timeout=120)
         assert "Done" in status
         own = np.linalg.norm(np.array(COLOURS, np.float64) - mean_colour(picture), axis=1)
         assert own.argmin() == i, f"user {i} got a picture nearest user {own.argmin()}'s colour"
-        assert [item["image"] for item in gallery] == [picture]  # this session's results only
     assert len(started) == 4  # the cancelled job never ran
     ran = np.array(started)
     assert all(np.linalg.norm(ran - np.array(COLOURS[3]), axis=1) > 60)

@@ -37,3 +37,11 @@ def test_a_long_preset_name_is_echoed_cut_short():
     with pytest.raises(SettingsError) as error:
         Settings.from_preset("u" * 10**6, "cpu")
     assert "got 'uuu" in str(error.value) and len(str(error.value)) < 120
+
+
+def test_no_help_text_points_to_a_file_a_visitor_cannot_open():
+    from dataclasses import fields
+
+    from stylize.settings import Settings, knob
+    for field in fields(Settings):
+        assert ".md" not in knob(field.name)["help"], field.name
