@@ -24,12 +24,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from .engine import job_work, transfer
+from .engine import job_work, plan
 from .settings import Settings, SettingsError
+from .timing import StepSpeed, StepTimer
 
 LOG = logging.getLogger(__name__)
 MAX_JOB_SECONDS = float(os.environ.get("STYLIZE_MAX_JOB_SECONDS", "300"))
@@ -48,51 +48,54 @@ SWEEP_SECONDS = min(600, KEEP_SECONDS)
 # counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
 SAMPLE = {"size": 256, "steps": 24}
 SAMPLE_PHOTO = (256, 192)  # a photo's usual shape
-GPU_SECONDS_PER_WORK = 2e-7  # a GPU's speed until its first job measures it: a T4's, VGG19 in fp16 at 512 px
+GPU_SPEED = StepSpeed(fixed=0.0, per_pixel=2e-7)  # a GPU's until its first job measures it: a T4's, fp16 at 512 px
 
 
 # --- the cost of one job -------------------------------------------------------------------------------------
 
 class JobClock:
-    """This server's speed in seconds per unit of work (`engine.job_work`): what a job will cost before it starts.
+    """This server's speed (`timing.StepSpeed`): what a job will cost before it starts.
 
-    Timed in the background on a sample the size of a draft (`time_in_background`; jobs that come meanwhile wait
-    for it), then taken again from every job as it runs, once it has done as much work as the sample: the speed
-    of a busy machine changes, and a smaller piece of work is dominated by per-step costs the work model leaves
-    out. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
+    Measured in the background at start-up (`time_in_background`; jobs that come meanwhile wait for it), then
+    taken again from every job as it runs, once it has done as much work as the sample: the speed of a busy
+    machine changes. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
     """
 
-    def __init__(self, seconds_per_work: float | None = None):
-        self.seconds_per_work = seconds_per_work
-        self.timed = threading.Event()  # set once there is a speed to go by
-        if seconds_per_work is not None:
+    def __init__(self, speed: StepSpeed | None = None):
+        self.speed = speed
+        self.timed = threading.Event()  # set once there is a speed to go by, or measuring it failed
+        if speed is not None:
             self.timed.set()
         self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
 
-    def time_in_background(self) -> None:
+    def time_in_background(self, measure: Callable[[], StepSpeed]) -> None:
         LOG.info("Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
                  "meanwhile waits for it).", SAMPLE["size"], SAMPLE["steps"])
-        threading.Thread(target=self._time, name="job clock", daemon=True).start()
+        threading.Thread(target=self._time, args=(measure,), name="job clock", daemon=True).start()
 
-    def _time(self) -> None:
+    def _time(self, measure: Callable[[], StepSpeed]) -> None:
         try:
-            photo = Image.effect_noise(SAMPLE_PHOTO, 60).convert("RGB")  # any picture costs the same
-            settings = Settings(**SAMPLE)
-            deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19, warms up
             started = time.perf_counter()
-            deque(transfer(photo, photo, settings), maxlen=0)
-            seconds = time.perf_counter() - started
-            self.seconds_per_work = seconds / self.least_work
-            LOG.info("Timed this server: the sample took %.1f s.", seconds)
+            self.speed = measure()
+            LOG.info("Timed this server in %.1f s: a step costs %.3f s plus %.3f s per 100,000 pixels.",
+                     time.perf_counter() - started, self.speed.fixed, self.speed.per_pixel * 1e5)
         except Exception:  # the first job measures it instead; the log says why
             LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
         finally:
             self.timed.set()
 
-    def record(self, work: int, done: float, seconds: float) -> None:
-        """A running job's speed: `done` (a share) of its `work` in `seconds`."""
-        if done * work >= self.least_work:
-            self.seconds_per_work = seconds / (done * work)
+    def record(self, timer: StepTimer, work_done: float) -> None:
+        """A running job's speed, from its `timer`, once it has done `work_done` >= the sample's work."""
+        speed = timer.speed()
+        if speed is not None and work_done >= self.least_work:
+            self.speed = speed
+
+    def estimate(self, content_size: tuple[int, int], settings: Settings) -> float | None:
+        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known."""
+        if self.speed is None:
+            return None
+        return sum(self.speed.seconds(scale.steps, scale.steps * scale.step_cost)
+                   for scale in plan(content_size, settings))
 
     def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
         """Refuse a job that would hold the worker longer than MAX_JOB_SECONDS, naming the largest size that fits."""
@@ -110,10 +113,9 @@ class JobClock:
         if MAX_JOB_SECONDS == math.inf:  # no limit: nothing to wait for
             return None
         self.timed.wait()
-        work = job_work(content_size, settings)
-        if self.seconds_per_work is None or work <= self.least_work:
+        estimate = self.estimate(content_size, settings)
+        if estimate is None or job_work(content_size, settings) <= self.least_work:
             return None
-        estimate = work * self.seconds_per_work
         return estimate if estimate > MAX_JOB_SECONDS else None
 
     def _fits(self, content_size: tuple[int, int], settings: Settings) -> bool:

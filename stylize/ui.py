@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, closing, contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from . import guard
 from .engine import gpu_names, job_work, pick_device, result_metadata, transfer
 from .images import MAX_BYTES, ImageError, image_size, load_image, load_opacity, save_png
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, brief, knob
+from .timing import StepSpeed, StepTimer, TimeLeft
 from .vgg import UntrainedWeightsWarning, WeightsError, resolve_weights
 
 try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere it leaves the function as it is.
@@ -249,10 +251,23 @@ def job_clock() -> guard.JobClock:
     which the app's own process may not touch (ZeroGPU lends one to each run only), a guess until the first job
     measures it. Every job measures it again as it runs."""
     if device_kind() == "gpu":
-        return guard.JobClock(guard.GPU_SECONDS_PER_WORK)
+        return guard.JobClock(guard.GPU_SPEED)
     clock = guard.JobClock()
-    clock.time_in_background()
+    clock.time_in_background(functools.partial(sample_speed, guard.SAMPLE_PHOTO, Settings(**guard.SAMPLE)))
     return clock
+
+
+def sample_speed(photo_size: tuple[int, int], settings: Settings) -> StepSpeed:
+    """This server's speed, measured on a transfer of a `photo_size` photo (any picture costs the same)."""
+    photo = Image.effect_noise(photo_size, 60).convert("RGB")
+    deque(transfer(photo, photo, replace(settings, steps=1)), maxlen=0)  # builds VGG19, warms up
+    timer = StepTimer()
+    for progress in transfer(photo, photo, settings):
+        timer.add(progress)
+    speed = timer.speed()
+    if speed is None:
+        raise RuntimeError(f"A {settings.size} px transfer of {settings.steps} steps showed too few pictures to time.")
+    return speed
 
 
 def _clients_in_line(app: Any) -> list[str]:
@@ -329,11 +344,13 @@ async def stylize(content: str | None, style: str | None, preset: str, size: flo
             content_strength=content_strength, preserve_colors=preserve_colors, style_scale=style_scale,
             style_weights=_numbers(style_weights), optimizer=optimizer, seed=seed, smoothing=smoothing)
         frames = functools.partial(_frames, content, style, extra_styles or [], mask or [], settings, preset)
-        time_left = TimeLeft()
+        time_left = None
         async with aclosing(_in_thread(frames, stop)) as run:
             async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
                 if frame.final or stop.is_set():
                     break
+                time_left = time_left or TimeLeft(job_clock().speed)  # the server's speed as this run starts
+                job_clock().record(time_left.timer, frame.done * frame.work)  # and as it goes
                 yield frame.picture, _running(frame, time_left.update(frame)), gr.skip()
     except (ImageError, SettingsError) as error:
         if not stop.is_set():  # else: the Stop ended the decoding (below)
@@ -445,6 +462,7 @@ class Frame:
     tiles: int
     elapsed: float
     done: float  # share of the work done, 0 to 1
+    work: int  # the run's whole work, as the job clock counts it (engine.job_work)
     final: bool
     device: str  # where it runs, "cpu" or "cuda:0", and in what number format, "bf16"
     precision: str
@@ -464,10 +482,9 @@ def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
     work = job_work(content.size, settings)
     try:
         for progress in steps:
-            job_clock().record(work, progress.done, progress.elapsed)  # this server's speed, now
             yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
                         progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
-                        progress.elapsed, progress.done, progress.final, progress.device, progress.precision,
+                        progress.elapsed, progress.done, work, progress.final, progress.device, progress.precision,
                         result_metadata(settings, progress))
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
@@ -488,43 +505,6 @@ def _return_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
         libc.malloc_trim(0)
-
-
-class TimeLeft:
-    """Seconds a run has left. A step costs a fixed time plus a time per pixel (on a CPU mostly the second; on a
-    GPU, at small sizes, mostly the first): both are measured at the last two scales, each from its first picture
-    on (the scale's set-up comes before it, the run's start-up before the first), and price the steps to come.
-    Averaging over the whole run instead, start-up and set-ups included, gives estimates that jump."""
-
-    def __init__(self) -> None:
-        self.first: Frame | None = None  # the current scale's first frame
-        self.step_costs: dict[int, tuple[int, float]] = {}  # per scale: (pixels, seconds per step)
-        self.work = 0.0  # the run's work in pixel-steps, of which `done` is a share
-
-    def update(self, frame: Frame) -> float | None:
-        """The estimate after `frame`; None until a scale has shown two pictures."""
-        if self.first is None or frame.scale != self.first.scale:
-            self.first = frame
-        elif frame.step > self.first.step:
-            pixels, steps = frame.size[0] * frame.size[1], frame.step - self.first.step
-            self.step_costs[frame.scale] = (pixels, (frame.elapsed - self.first.elapsed) / steps)
-            self.work = pixels * steps / (frame.done - self.first.done)
-        if not self.step_costs:
-            return None
-        fixed, per_pixel = _step_cost(list(self.step_costs.values())[-2:])
-        return fixed * (frame.total - frame.step) + per_pixel * (1 - frame.done) * self.work
-
-
-def _step_cost(measured: list[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed, per pixel) seconds of a step: the line through two (pixels, seconds) measurements. With one, or
-    two that no such line fits (a busy machine's noise), all of the last one's time counts per pixel."""
-    pixels, seconds = measured[-1]
-    if len(measured) == 2:
-        per_pixel = (seconds - measured[0][1]) / (pixels - measured[0][0])
-        fixed = seconds - per_pixel * pixels
-        if per_pixel >= 0 and fixed >= 0:
-            return fixed, per_pixel
-    return 0.0, seconds / pixels
 
 
 def _running(frame: Frame, left: float | None) -> str:

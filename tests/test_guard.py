@@ -1,12 +1,14 @@
 """The public server's limits, without a server: a job's cost, who a client is, the sweep of the app's folder."""
 
 import asyncio
+import functools
 import importlib
 import json
 import os
 import time
 import uuid
 from collections import deque
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -14,17 +16,19 @@ from starlette.responses import JSONResponse
 
 from stylize import Settings, SettingsError
 from stylize import guard as guard_module
-from stylize.engine import job_work, transfer
-from stylize.guard import Guard, JobClock, client_of, sweep, sweeping
+from stylize.engine import job_work, plan, transfer
+from stylize.guard import SAMPLE, SAMPLE_PHOTO, Guard, JobClock, client_of, sweep, sweeping
+from stylize.timing import StepSpeed, StepTimer
+from stylize.ui import sample_speed
 
 PHOTO = (4000, 3000)
 
 
 def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(monkeypatch):
     monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 300)
-    clock = JobClock(seconds_per_work=1e-5)
+    clock = JobClock(StepSpeed(fixed=0.01, per_pixel=1e-5))
     fine = Settings(size=2048, steps=400)
-    seconds = job_work(PHOTO, fine) * 1e-5
+    seconds = clock.estimate(PHOTO, fine)
     assert seconds > 300  # the test's premise: this job is too long at this speed
 
     with pytest.raises(SettingsError) as error:
@@ -34,41 +38,59 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(
                               "this server; the limit is 5 min. Choose ")
     fits = int(message.split("Choose ")[1].split(" px")[0])
     assert fits % 32 == 0
-    assert job_work(PHOTO, Settings(size=fits, steps=400)) * 1e-5 <= 300
-    assert job_work(PHOTO, Settings(size=fits + 32, steps=400)) * 1e-5 > 300
+    assert clock.estimate(PHOTO, Settings(size=fits, steps=400)) <= 300
+    assert clock.estimate(PHOTO, Settings(size=fits + 32, steps=400)) > 300
     clock.check(PHOTO, Settings(size=fits, steps=400), "Fine")  # and that size is taken
+
+
+def test_a_job_costs_its_steps_and_its_pixels():
+    clock = JobClock(StepSpeed(fixed=0.5, per_pixel=1e-6))
+    scales = plan(PHOTO, Settings(size=512, steps=250))
+    assert clock.estimate(PHOTO, Settings(size=512, steps=250)) == pytest.approx(
+        0.5 * 250 + 1e-6 * sum(scale.steps * scale.step_cost for scale in scales))
 
 
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
     monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 1)
     with pytest.raises(SettingsError, match="Choose a lighter preset"):
-        JobClock(seconds_per_work=1.0).check(PHOTO, Settings(size=512, steps=250), "Standard")
+        JobClock(StepSpeed(fixed=1.0, per_pixel=0)).check(PHOTO, Settings(size=512, steps=250), "Standard")
+
+
+def timed(scales: list[tuple[tuple[int, int], int, float]]) -> StepTimer:
+    """A timer that saw a run whose scales, each (size, steps, seconds per step), took these times."""
+    timer, step, elapsed = StepTimer(), 0, 0.0
+    for number, (size, steps, seconds) in enumerate(scales, start=1):
+        for _ in range(steps):
+            step, elapsed = step + 1, elapsed + seconds
+            timer.add(SimpleNamespace(scale=number, step=step, size=size, elapsed=elapsed))
+    return timer
 
 
 def test_a_clock_fed_a_pessimistic_timing_recovers_at_the_first_job(monkeypatch):
     """A start-up timing on a busy machine overestimated jobs 10 to 25 times: a running job corrects it."""
     monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 300)
     standard = Settings(size=512, steps=250)
-    work = job_work(PHOTO, standard)
-    clock = JobClock(seconds_per_work=20 * 100 / work)  # the standard preset estimated at 33 min; it takes 100 s
+    clock = JobClock(StepSpeed(fixed=0, per_pixel=20 * 100 / job_work(PHOTO, standard)))  # 33 min; it takes 100 s
     with pytest.raises(SettingsError):
         clock.check(PHOTO, standard, "Standard")
-    clock.record(work, done=0.1, seconds=0.1 * 100)  # the first job, a tenth of the way
+    first_job = timed([((128, 96), 30, 0.1), ((181, 136), 30, 0.15)])  # a step: 0.05 s + about 4 us per pixel
+    clock.record(first_job, work_done=clock.least_work)
+    assert clock.speed.fixed == pytest.approx(0.05, rel=0.05) and clock.speed.per_pixel == pytest.approx(4e-6, rel=0.05)
     clock.check(PHOTO, standard, "Standard")
-    assert clock.seconds_per_work == pytest.approx(100 / work)
 
 
 def test_the_clock_does_not_learn_from_less_work_than_its_sample():
-    clock = JobClock(seconds_per_work=1e-6)
-    clock.record(clock.least_work, done=0.5, seconds=5.0)  # a tiny piece of work: overheads, not speed
-    assert clock.seconds_per_work == 1e-6
-    clock.record(clock.least_work, done=1.0, seconds=0.1)
-    assert clock.seconds_per_work == 0.1 / clock.least_work
+    clock = JobClock(StepSpeed(fixed=0, per_pixel=1e-6))
+    run = timed([((64, 48), 10, 5.0), ((91, 68), 10, 6.0)])
+    clock.record(run, work_done=clock.least_work / 2)  # a tiny piece of work: overheads, not speed
+    assert clock.speed == StepSpeed(fixed=0, per_pixel=1e-6)
+    clock.record(run, work_done=clock.least_work)
+    assert clock.speed == run.speed()
 
 
 def test_a_server_never_refuses_its_lightest_job(monkeypatch):
     monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 20)
-    clock = JobClock(seconds_per_work=1.0)  # however slow it thinks it is
+    clock = JobClock(StepSpeed(fixed=1.0, per_pixel=1.0))  # however slow it thinks it is
     clock.check(PHOTO, Settings(size=64, steps=120), "Fast draft")
 
 
@@ -77,7 +99,7 @@ def test_the_clock_estimates_a_real_job_from_its_background_timing(caplog):
     over with a tiny timed transfer on a busy machine)."""
     clock = JobClock()
     with caplog.at_level("INFO", logger="stylize.guard"):
-        clock.time_in_background()
+        clock.time_in_background(functools.partial(sample_speed, SAMPLE_PHOTO, Settings(**SAMPLE)))
         assert "Timing this server in the background" in caplog.text  # said before it starts
         assert clock.timed.wait(timeout=300)
     assert "Timed this server" in caplog.text
@@ -86,8 +108,8 @@ def test_the_clock_estimates_a_real_job_from_its_background_timing(caplog):
     started = time.perf_counter()
     deque(transfer(photo, photo, draft), maxlen=0)
     real = time.perf_counter() - started
-    estimate = job_work(photo.size, draft) * clock.seconds_per_work
-    assert real / 2 < estimate < real * 2, (estimate, real)
+    estimate = clock.estimate(photo.size, draft)
+    assert real / 1.5 < estimate < real * 1.5, (estimate, real)
 
 
 @pytest.mark.parametrize(("trusted", "peer", "forwarded", "session", "client"), [

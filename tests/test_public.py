@@ -26,6 +26,7 @@ from test_images import chunk, encoded, png_bomb, progressive
 import stylize.ui
 from stylize import Settings, guard
 from stylize.engine import job_work
+from stylize.timing import StepSpeed
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 
@@ -108,8 +109,8 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, 
         size = image.size
     draft = reliability.SMALL["draft"]["steps"]
     # This server's speed as if a 512 px draft took just under the limit.
-    speed = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
-    monkeypatch.setattr(stylize.ui.job_clock(), "seconds_per_work", speed)
+    per_pixel = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
+    monkeypatch.setattr(stylize.ui.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
     text = reliability.refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
                                size=1024)
     assert "the limit is 5 min. Choose 512 px or less." in text

@@ -109,8 +109,8 @@ def assert_clean(message: str) -> None:
 
 def normal_job(client: Client, good: tuple[str, str]) -> None:
     """The next user's ordinary job: it must still work."""
-    picture, status, download, _ = client.predict(content=handle_file(good[0]), style=handle_file(good[1]),
-                                                  preset="draft", api_name="/stylize")
+    picture, status, download = client.predict(content=handle_file(good[0]), style=handle_file(good[1]),
+                                               preset="draft", api_name="/stylize")
     assert "Done" in status and download == picture
     with Image.open(picture) as png:
         assert max(png.size) == SMALL["draft"]["size"]
