@@ -206,6 +206,8 @@ def build_demo() -> gr.Blocks:
         private = {"queue": False, "api_visibility": "private"}
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
         content.change(lambda photo: photo, content, mask, **private)
+        content.upload(_said_if_no_image("photo"), content, None, **private)
+        style.upload(_said_if_no_image("style artwork"), style, None, **private)
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 
@@ -627,6 +629,18 @@ def _numbers(text: str | None) -> tuple[float, ...]:
     except ValueError:
         raise SettingsError(f"Style blend weights must be numbers separated by commas, like 1, 0.5; "
                             f"got {brief(text)}.") from None
+
+
+def _said_if_no_image(what: str) -> Callable[[str | None], None]:
+    """An upload's check from its header, at once: a file that is no image (a text renamed .jpg) is said when it
+    arrives, not only when Stylize is pressed."""
+    def check(path: str | None) -> None:
+        if path:
+            try:
+                image_size(path, what)
+            except ImageError as error:
+                gr.Warning(str(error))
+    return check
 
 
 def _uploaded(path: str, what: str) -> str:

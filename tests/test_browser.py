@@ -135,6 +135,7 @@ def _gallery_holds(page, count: int) -> None:
 def test_a_file_that_is_no_image_as_the_photo_is_named_as_the_photo(page, tmp_path):
     (tmp_path / "notes.jpg").write_text("shopping list")
     page.locator("#content input[type=file]").set_input_files(tmp_path / "notes.jpg")
+    page.get_by_text("The photo is not an image this app can read").first.wait_for()  # said on upload
     page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
     page.wait_for_selector("#style img")
     page.locator("#run").click()
