@@ -4,9 +4,9 @@ import logging
 
 from stylize.ui import build_demo, launch_options
 
+logging.basicConfig(format="%(message)s")  # what the app says at start-up goes to the server's log
+logging.getLogger("stylize").setLevel(logging.INFO)
 demo = build_demo()
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s")  # what the app says at start-up goes to the server's log
-    logging.getLogger("stylize").setLevel(logging.INFO)
     demo.launch(**launch_options())

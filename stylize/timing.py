@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-
 PRIOR_STEPS = 10  # how many of a run's steps the server's speed from the runs before counts for
 
 
@@ -60,20 +59,20 @@ class StepTimer:
 
     def __init__(self) -> None:
         self.first: RunPoint | None = None  # the current scale's first picture
-        self.measured: dict[int, tuple[int, float]] = {}  # per scale: (pixels, seconds per step)
-        self.steps: dict[int, int] = {}  # per scale: the steps measured
+        self.measured: dict[int, tuple[int, float, int]] = {}  # per scale: (pixels, seconds per step, steps timed)
 
     def add(self, point: RunPoint) -> None:
         if self.first is None or point.scale != self.first.scale:
             self.first = point
         elif point.step > self.first.step:
-            seconds = (point.elapsed - self.first.elapsed) / (point.step - self.first.step)
-            self.measured[point.scale] = (point.size[0] * point.size[1], seconds)
-            self.steps[point.scale] = point.step - self.first.step
+            steps = point.step - self.first.step
+            seconds = (point.elapsed - self.first.elapsed) / steps
+            self.measured[point.scale] = (point.size[0] * point.size[1], seconds, steps)
 
     def speed(self) -> StepSpeed | None:
         """This run's speed, from its last two scales measured; None before one is."""
-        return StepSpeed.fit(list(self.measured.values())[-2:]) if self.measured else None
+        return StepSpeed.fit([(pixels, seconds) for pixels, seconds, _ in self.measured.values()][-2:]) \
+            if self.measured else None
 
 
 class TimeLeft:
@@ -100,7 +99,7 @@ class TimeLeft:
         """This run's steps so far against the prior's price for them, with PRIOR_STEPS steps at the prior's own
         pace: one step of a busy machine says little."""
         assert self.prior is not None
-        paces = [steps * seconds / self.prior.seconds(1, pixels)
-                 for (pixels, seconds), steps in zip(self.timer.measured.values(), self.timer.steps.values())]
-        return (PRIOR_STEPS + sum(paces)) / (PRIOR_STEPS + sum(self.timer.steps.values()))
+        measured = self.timer.measured.values()
+        paces = sum(steps * seconds / self.prior.seconds(1, pixels) for pixels, seconds, steps in measured)
+        return (PRIOR_STEPS + paces) / (PRIOR_STEPS + sum(steps for *_, steps in measured))
 

@@ -239,6 +239,10 @@ def launch_options() -> dict[str, Any]:
     and no run history (its routes call the Hub with the host's own token)."""
     ssr, why = _ssr_check()
     LOG.info("Server-side rendering: %s", "on" if ssr else f"off ({why})")
+    # uvicorn believes any X-Forwarded-For sent from this machine, where gradio's Node server relays every visitor
+    # with the header they wrote: the guard would see made-up addresses. It reads the header itself, trusting
+    # only STYLIZE_TRUSTED_PROXIES; uvicorn takes its setting from here when launch() starts it.
+    os.environ["FORWARDED_ALLOW_IPS"] = ""
     folder = gr.utils.get_upload_folder()
     return {"max_file_size": MAX_BYTES, "ssr_mode": ssr, "css": CSS, "theme": gr.themes.Soft(primary_hue="indigo"),
             "run_history": False,

@@ -59,16 +59,20 @@ def style_distance(a: Image.Image, b: Image.Image) -> float:
 
 
 @contextmanager
-def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, **env: str) -> Iterator:
+def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, concurrency: int = 1,
+             **env: str) -> Iterator:
     """The app launched in-process with the options app.py uses (server-side rendering included, where
     Node allows), every device's presets replaced by `presets` and the environment variables `env` set.
-    Jobs may take `max_job_seconds` (the tests' "fine" presets run until they are stopped)."""
-    from stylize import guard
+    Jobs may take `max_job_seconds` (the tests' "fine" presets run until they are stopped); `concurrency` runs
+    go at once (STYLIZE_CONCURRENCY, which the app reads once, when it is imported)."""
+    from stylize import guard, ui
     from stylize.settings import PRESETS
     from stylize.ui import build_demo, launch_options
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(guard, "MAX_JOB_SECONDS", max_job_seconds)
+        patch.setattr(ui, "CONCURRENCY", concurrency)
+        patch.setattr(ui, "RUN_SLOTS", threading.BoundedSemaphore(concurrency))
         for kind in PRESETS:
             for name, preset in presets.items():
                 patch.setitem(PRESETS[kind], name, preset)

@@ -220,7 +220,7 @@ def test_from_a_png_with_a_text_bomb_gives_one_line_and_exit_code_2(inputs, caps
 def test_from_reads_no_file_the_png_names(inputs, capsys, monkeypatch):
     """A PNG names any files it likes; only those on the command line are read, the PNG's at most named."""
     read = []
-    monkeypatch.setattr("stylize.cli.load_image", lambda path, *args, **kwargs: read.append(path))
+    monkeypatch.setattr("stylize.images.load_image", lambda path, *args, **kwargs: read.append(path))
     names = {"content": str(inputs / "photo.jpg"), "styles": [str(inputs / "art.png")],
              "mask": str(inputs / "mask.png"), "init": str(inputs / "art2.png")}
     png = crafted(inputs / "names.png", settings=Settings().to_json(), inputs=json.dumps(names))
@@ -237,7 +237,7 @@ def test_from_reads_no_file_the_png_names(inputs, capsys, monkeypatch):
 def test_from_a_costly_recorded_run_says_so_before_it_starts(inputs, capsys, monkeypatch):
     def transfer(*args, **kwargs):
         raise KeyboardInterrupt  # stops the run where it would start
-    monkeypatch.setattr("stylize.cli.transfer", transfer)
+    monkeypatch.setattr("stylize.engine.transfer", transfer)
     png = crafted(inputs / "print.png", settings=Settings(size=8192, steps=5000).to_json())
     assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png),
                  "-o", str(inputs / "out.png")]) == 130

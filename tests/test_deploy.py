@@ -86,7 +86,7 @@ def test_what_a_run_sends_back_pickles():
 def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
     """STYLIZE_CONCURRENCY=2 on a machine that says it has two GPUs: the two runs that go at once go to different
     ones, and runs one after the other take them in turn. (The runs themselves go on this machine's CPU.)"""
-    with live_app(SMALL, tmp_path, STYLIZE_CONCURRENCY="2") as app:
+    with live_app(SMALL, tmp_path, concurrency=2) as app:
         # Only the share is told of two GPUs: faking torch.cuda itself would send the optimizer there too.
         monkeypatch.setattr(stylize.ui, "gpu_names", lambda: ["cuda:0", "cuda:1"])
         monkeypatch.setattr(stylize.ui, "GPUS", GpuShare())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 import uuid
@@ -111,6 +112,7 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, 
     # This server's speed as if a 512 px draft took just under the limit.
     per_pixel = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
     monkeypatch.setattr(stylize.ui.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
+    monkeypatch.setattr(stylize.ui.job_clock(), "least_work", 0)  # these tiny presets are lighter than its sample
     text = reliability.refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
                                size=1024)
     assert "the limit is 5 min. Choose 512 px or less." in text
@@ -393,8 +395,9 @@ def test_a_malformed_image_gallery_or_region_gets_a_message(app, good, field, va
     base = app.local_url
     session = uuid.uuid4().hex
     with httpx.Client(timeout=120) as http:
-        reliability.join(http, base, session, content=reliability.upload(base, good[0]),
-                         style=reliability.upload(base, good[1]), preset="draft", **{field: value})
+        inputs = {"content": reliability.upload(base, good[0]), "style": reliability.upload(base, good[1]),
+                  "preset": "draft", field: value}
+        reliability.join(http, base, session, **inputs)
         done = next(m for m in reliability.messages(http, base, session) if m["msg"] == "process_completed")
     assert done["success"] is False and done["output"]["error"].startswith(message)
 
@@ -453,6 +456,7 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
                 steps.close()
         return stream()
     monkeypatch.setattr(stylize.ui, "transfer", slow)
+    monkeypatch.setattr(guard, "MAX_JOB_SECONDS", math.inf)  # the fine preset's 5000 steps: minutes, here
     job = client.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="fine", api_name="/stylize")
     next(iter(job))  # its first picture: the long step has begun
     started = time.monotonic()

@@ -49,7 +49,7 @@ MEMORY_BOUND = 32 * 2**20  # what 20 jobs may add to the server's resident memor
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """Two jobs at once, room for two more in the queue, tiny presets, a token in the environment."""
-    with live_app(SMALL, tmp_path_factory.mktemp("examples"), STYLIZE_CONCURRENCY="2", STYLIZE_QUEUE_SIZE="2",
+    with live_app(SMALL, tmp_path_factory.mktemp("examples"), concurrency=2, STYLIZE_QUEUE_SIZE="2",
                   HF_TOKEN=SECRET) as demo:
         yield demo
 
@@ -591,7 +591,8 @@ def configured(tmp_path_factory):
     """app.py in its own process with small limits from the environment: 1 MB, 1 megapixel, files kept 8 s."""
     folder = tmp_path_factory.mktemp("configured")
     env = {**os.environ, "STYLIZE_MAX_UPLOAD_MB": "1", "STYLIZE_MAX_MEGAPIXELS": "1",
-           "STYLIZE_KEEP_FILES_SECONDS": "8", "GRADIO_TEMP_DIR": str(folder / "cache"), "GRADIO_SSR_MODE": "false",
+           "STYLIZE_KEEP_FILES_SECONDS": "8", "STYLIZE_MAX_JOB_SECONDS": "inf",
+           "GRADIO_TEMP_DIR": str(folder / "cache"), "GRADIO_SSR_MODE": "false",
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
            "GRADIO_EXAMPLES_CACHE": str(folder / "examples")}
     log = folder / "server.log"
