@@ -65,14 +65,14 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
     Node allows), every device's presets replaced by `presets` and the environment variables `env` set.
     Jobs may take `max_job_seconds` (the tests' "fine" presets run until they are stopped); `concurrency` runs
     go at once (STYLIZE_CONCURRENCY, which the app reads once, when it is imported)."""
-    from stylize import guard, ui
+    from stylize import guard, jobs
     from stylize.settings import PRESETS
     from stylize.ui import build_demo, launch_options
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(guard, "MAX_JOB_SECONDS", max_job_seconds)
-        patch.setattr(ui, "CONCURRENCY", concurrency)
-        patch.setattr(ui, "RUN_SLOTS", threading.BoundedSemaphore(concurrency))
+        patch.setattr(jobs, "CONCURRENCY", concurrency)
+        patch.setattr(jobs, "RUN_SLOTS", threading.BoundedSemaphore(concurrency))
         for kind in PRESETS:
             for name, preset in presets.items():
                 patch.setitem(PRESETS[kind], name, preset)
@@ -93,7 +93,7 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
 def engine_runs(monkeypatch):
     """Each engine run the app starts, as {"closed": threading.Event, "steps": int}, in order."""
     import stylize.engine
-    import stylize.ui  # imported here, as in live_app: the engine's tests run without gradio
+    import stylize.jobs  # imported here, as in live_app
 
     runs: list[dict] = []
     real = stylize.engine.transfer
@@ -113,7 +113,7 @@ def engine_runs(monkeypatch):
                 run["closed"].set()
         return stream()
 
-    monkeypatch.setattr(stylize.ui, "transfer", watched)
+    monkeypatch.setattr(stylize.jobs, "transfer", watched)
     return runs
 
 

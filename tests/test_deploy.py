@@ -21,10 +21,10 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import stylize.engine
-import stylize.ui
+import stylize.jobs
 from stylize import Settings, SettingsError
+from stylize.jobs import GpuShare
 from stylize.settings import PRESET_NAMES, PRESETS, knob
-from stylize.ui import GpuShare
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 64, "steps": 8}, "fine": {"size": 64, "steps": 5000}}
@@ -44,8 +44,8 @@ def test_the_real_spaces_package_decorates_the_run():
     """With `spaces` installed (as on every Space), its GPU decorator is the one in use; outside ZeroGPU it
     leaves the run a plain generator, so the app's other tests (build, stream, stop) run through it."""
     spaces = pytest.importorskip("spaces")
-    assert stylize.ui.GPU is spaces.GPU
-    assert inspect.isgeneratorfunction(stylize.ui._run)
+    assert stylize.jobs.GPU is spaces.GPU
+    assert inspect.isgeneratorfunction(stylize.jobs._run)
 
 
 BUILD_WITH_FAKE_CUDA = """
@@ -75,7 +75,7 @@ def test_building_the_app_initialises_no_cuda():
 
 def test_what_a_run_sends_back_pickles():
     """ZeroGPU runs the GPU function in a process of its own and pickles what it yields."""
-    run = stylize.ui._run(photo(), [artwork()], Settings(size=64, steps=6), None)
+    run = stylize.jobs._run(photo(), [artwork()], Settings(size=64, steps=6), None)
     frames = [pickle.loads(pickle.dumps(frame)) for frame in run]
     assert len(frames) >= 2 and frames[-1].final and not any(frame.final for frame in frames[:-1])
     assert frames[-1].picture.size == (64, 48) and "stylize:settings" in frames[-1].metadata
@@ -88,8 +88,8 @@ def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
     ones, and runs one after the other take them in turn. (The runs themselves go on this machine's CPU.)"""
     with live_app(SMALL, tmp_path, concurrency=2) as app:
         # Only the share is told of two GPUs: faking torch.cuda itself would send the optimizer there too.
-        monkeypatch.setattr(stylize.ui, "gpu_names", lambda: ["cuda:0", "cuda:1"])
-        monkeypatch.setattr(stylize.ui, "GPUS", GpuShare())
+        monkeypatch.setattr(stylize.jobs, "gpu_names", lambda: ["cuda:0", "cuda:1"])
+        monkeypatch.setattr(stylize.jobs, "GPUS", GpuShare())
         asked, started, gate = [], threading.Condition(), threading.Event()
         real = stylize.engine.transfer
 
@@ -100,7 +100,7 @@ def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
             assert gate.wait(timeout=120)
             return real(content, styles, replace(settings, device="cpu"), **kwargs)
 
-        monkeypatch.setattr(stylize.ui, "transfer", on_the_cpu)
+        monkeypatch.setattr(stylize.jobs, "transfer", on_the_cpu)
         clients = [Client(app.local_url, verbose=False) for _ in range(2)]
         inputs = {"content": handle_file(pictures[0]), "style": handle_file(pictures[1]), "preset": "draft",
                   "api_name": "/stylize"}
@@ -128,7 +128,7 @@ def test_a_gpu_is_named_by_its_number(monkeypatch):
 
 
 def test_one_gpu_or_none_leaves_the_choice_to_the_engine(monkeypatch):
-    monkeypatch.setattr(stylize.ui, "gpu_names", lambda: ["cuda:0"])
+    monkeypatch.setattr(stylize.jobs, "gpu_names", lambda: ["cuda:0"])
     share = GpuShare()
     with share.device() as first, share.device() as second:
         assert first == second == "auto"

@@ -18,8 +18,8 @@ from stylize import Settings, SettingsError
 from stylize import guard as guard_module
 from stylize.engine import job_work, plan, transfer
 from stylize.guard import SAMPLE, SAMPLE_PHOTO, Guard, JobClock, client_of, sweep, sweeping
+from stylize.jobs import sample_speed
 from stylize.timing import StepSpeed, StepTimer
-from stylize.ui import sample_speed
 
 PHOTO = (4000, 3000)
 

@@ -24,6 +24,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from test_images import chunk, encoded, png_bomb, progressive
 
+import stylize.jobs
 import stylize.ui
 from stylize import Settings, guard
 from stylize.engine import job_work
@@ -111,8 +112,8 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, 
     draft = reliability.SMALL["draft"]["steps"]
     # This server's speed as if a 512 px draft took just under the limit.
     per_pixel = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
-    monkeypatch.setattr(stylize.ui.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
-    monkeypatch.setattr(stylize.ui.job_clock(), "least_work", 0)  # these tiny presets are lighter than its sample
+    monkeypatch.setattr(stylize.jobs.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
+    monkeypatch.setattr(stylize.jobs.job_clock(), "least_work", 0)  # these tiny presets are lighter than its sample
     text = reliability.refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
                                size=1024)
     assert "the limit is 5 min. Choose 512 px or less." in text
@@ -182,7 +183,7 @@ def gate(monkeypatch):
                 steps.close()
         return stream()
 
-    monkeypatch.setattr(stylize.ui, "transfer", gated)
+    monkeypatch.setattr(stylize.jobs, "transfer", gated)
     yield opened
     opened.set()
 
@@ -442,7 +443,7 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
     """A step of a big job can take many seconds; cancelling the job answers before it ends (gradio_client gives a
     cancel 5 s), and the engine stops at the end of that step."""
     step = threading.Event()
-    real = stylize.ui.transfer
+    real = stylize.jobs.transfer
 
     def slow(*args, **kwargs):
         steps = real(*args, **kwargs)
@@ -455,7 +456,7 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
             finally:
                 steps.close()
         return stream()
-    monkeypatch.setattr(stylize.ui, "transfer", slow)
+    monkeypatch.setattr(stylize.jobs, "transfer", slow)
     monkeypatch.setattr(guard, "MAX_JOB_SECONDS", math.inf)  # the fine preset's 5000 steps: minutes, here
     job = client.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="fine", api_name="/stylize")
     next(iter(job))  # its first picture: the long step has begun

@@ -34,6 +34,7 @@ from PIL import Image
 from test_images import encoded, png_bomb
 
 import stylize.engine
+import stylize.jobs
 import stylize.ui
 from stylize.cli import main as cli_main
 from stylize.vgg import WeightsError
@@ -342,7 +343,7 @@ def test_simultaneous_users_each_get_their_own_picture_or_are_told_to_wait(app, 
                 steps.close()
         return stream()
 
-    monkeypatch.setattr(stylize.ui, "transfer", gated)
+    monkeypatch.setattr(stylize.jobs, "transfer", gated)
     photos = [file_of(folder, f"user{i}.png", encoded(solid(c), "PNG")) for i, c in enumerate(COLOURS)]
     users = [Client(app.local_url, verbose=False) for _ in COLOURS]
 
@@ -463,7 +464,7 @@ def test_a_weights_problem_on_the_server_shows_no_server_path(client, good, monk
     def broken(*args, **kwargs):
         raise WeightsError(f"Weights file not found: {ROOT}/weights/vgg19.pth. Give a VGG19 .pth file.")
 
-    monkeypatch.setattr(stylize.ui, "transfer", broken)
+    monkeypatch.setattr(stylize.jobs, "transfer", broken)
     with pytest.raises(AppError) as raised:
         client.predict(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize")
     assert "server" in str(raised.value)
@@ -474,15 +475,17 @@ def test_a_weights_problem_on_the_server_shows_no_server_path(client, good, monk
 
 def test_nothing_can_park_data_in_server_memory_through_the_mask_editor(app, client, good):
     """The editor's blob route would keep whatever anyone posts, in memory, until a run with its id:
-    the page sends painted layers as files, so the route answers no one."""
+    the page sends painted layers as files, so the route answers no one (components.RegionEditor). The blob is
+    small, under the request-size guard, so that the refusal is the editor's own."""
     config = httpx.get(f"{app.local_url}config", timeout=30).json()
     editor = next(c["id"] for c in config["components"] if c["type"] == "imageeditor")
     for session in (client.session_hash, uuid.uuid4().hex):  # a session that has run jobs, and a new one
         response = httpx.post(f"{app.local_url}gradio_api/component_server", timeout=60, files={
-            "file": ("blob.png", os.urandom(2**20), "image/png")}, data={
+            "file": ("blob.png", encoded(solid((255, 0, 0), (8, 8)), "PNG"), "image/png")}, data={
             "session_hash": session, "component_id": str(editor), "fn_name": "accept_blobs",
             "id": uuid.uuid4().hex, "type": "background", "index": "null"})
-        assert response.status_code in (404, 413)  # no such route, or refused unread as too large
+        assert response.status_code == 404, response.text  # no such function on the component
+        assert response.json()["detail"] == "Function not found."
     assert not any(getattr(block, "blob_storage", None) for block in app.blocks.values())
     normal_job(client, good)
 

@@ -26,9 +26,10 @@ import stylize.vgg
 from stylize.engine import Scale, scale_sizes, split_steps, work_done
 from stylize.guard import SAMPLE
 from stylize.images import MAX_BYTES
+from stylize.jobs import Frame
 from stylize.settings import knob
 from stylize.timing import StepTimer, TimeLeft
-from stylize.ui import SSR_NODE_MAJOR, Frame, launch_options, ssr_available
+from stylize.ui import SSR_NODE_MAJOR, launch_options, ssr_available
 
 # Small presets so a run takes seconds: "fine" runs until it is stopped.
 TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
