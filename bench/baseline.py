@@ -22,7 +22,7 @@ import torch
 import torchvision
 from common import add_image_arguments, load_pair, machine_header
 
-from stylize.engine import pick_device
+from stylize.device import pick_device
 from stylize.losses import BALANCES, StyleTarget, content_loss, gaussian, style_loss, tv_loss
 
 STYLE_LAYERS = {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29}

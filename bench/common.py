@@ -25,9 +25,18 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from stylize import Progress, Settings, load_image, transfer  # noqa: E402
-from stylize.engine import SCHEDULE, Schedule, cpu_budget, pick_device, pick_precision, style_layer_weights  # noqa: E402
+from stylize.device import cpu_budget, pick_device, pick_precision  # noqa: E402
 from stylize.images import fit, to_tensor  # noqa: E402
-from stylize.losses import BALANCES, StyleTarget, content_loss, gaussian, style_loss, tv_loss  # noqa: E402
+from stylize.losses import (  # noqa: E402
+    BALANCES,
+    StyleTarget,
+    content_loss,
+    gaussian,
+    style_layer_weights,
+    style_loss,
+    tv_loss,
+)
+from stylize.plan import SCHEDULE, Schedule  # noqa: E402
 from stylize.settings import STYLE_LAYERS  # noqa: E402
 from stylize.vgg import UntrainedWeightsWarning, feature_extractor, resolve_weights  # noqa: E402
 

@@ -22,7 +22,7 @@ from common import IMAGES, ROOT
 from PIL import Image, ImageDraw, ImageFont
 
 from stylize import Settings, load_image, transfer
-from stylize.engine import pick_device
+from stylize.device import pick_device
 from stylize.images import fit
 from stylize.settings import knob
 

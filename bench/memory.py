@@ -36,7 +36,7 @@ from common import (
 )
 
 from stylize import transfer
-from stylize.engine import pick_device
+from stylize.device import pick_device
 from stylize.images import fit
 
 GIB = 2**30

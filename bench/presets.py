@@ -32,7 +32,8 @@ from common import (
 from precision import side_by_side
 
 from stylize import Progress, Settings
-from stylize.engine import SCHEDULE, Schedule, pick_device
+from stylize.device import pick_device
+from stylize.plan import SCHEDULE, Schedule
 from stylize.settings import PRESET_NAMES
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored

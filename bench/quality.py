@@ -35,8 +35,8 @@ from common import (
 )
 
 from stylize import Settings
-from stylize.engine import SCHEDULE, Schedule, plan, work_done
 from stylize.images import resize
+from stylize.plan import SCHEDULE, Schedule, plan, work_done
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 Point = tuple[int, float, float, float, float]  # step, work, wall s, CPU s, loss

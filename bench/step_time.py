@@ -32,8 +32,9 @@ from common import (
     table,
 )
 
-from stylize.engine import SCHEDULE, Schedule, cpu_budget, cpu_has_native_bf16
+from stylize.device import cpu_budget, cpu_has_native_bf16
 from stylize.losses import StyleTarget, gaussian, style_loss
+from stylize.plan import SCHEDULE, Schedule
 from stylize.settings import STYLE_LAYERS
 
 

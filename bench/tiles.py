@@ -23,8 +23,8 @@ from common import engine_settings, load_images, start, table
 from PIL import Image
 
 from stylize import transfer
-from stylize.engine import Scale, plan
 from stylize.images import fit, to_tensor
+from stylize.plan import Scale, plan
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 GIB = 2**30

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
         raise SettingsError(f"The recorded run started from an image{_hint(recorded, 'init')}; give it with "
                             "--init PATH.")
     if args.preset:
-        from .engine import pick_device
+        from .device import pick_device
 
         device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
         settings = Settings.from_preset(args.preset, device_kind, **{
@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> None:
         raise SettingsError(f"The output folder {output.parent} does not exist.")
     from tqdm import tqdm
 
-    from .engine import result_metadata, transfer  # torch: seconds to import, so only once the arguments hold
-    from .images import load_image, save_png
+    from .engine import transfer  # torch: seconds to import, so only once the arguments hold
+    from .images import load_image, result_metadata, save_png
     from .vgg import UntrainedWeightsWarning
 
     content = load_image(content_path, "content image")
@@ -161,7 +161,7 @@ def _hint(recorded: dict, *names: str) -> str:
 
 def _say_if_costly(settings: Settings, path: str) -> None:
     """A recorded run heavier than this device's finest preset is said before it starts: it may take hours."""
-    from .engine import pick_device
+    from .device import pick_device
 
     device_kind = "cpu" if pick_device(settings.device).type == "cpu" else "gpu"
     fine = PRESETS[device_kind]["fine"]

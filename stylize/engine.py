@@ -13,16 +13,17 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from PIL import Image
 
 from . import images
+from .device import free_memory, pick_device, pick_precision
 from .losses import (
     BALANCES,
     Balance,
@@ -31,34 +32,21 @@ from .losses import (
     content_loss,
     gaussian,
     mixture,
+    style_layer_weights,
     style_loss,
     tv_loss,
 )
+from .plan import SCHEDULE, TILE_OVERLAP, Scale, Schedule, plan, work_done
 from .settings import MIN_TILE_SIZE, Settings, SettingsError
 from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights, stride
 
-MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
 PREVIEW_SECONDS = 0.25  # at most one preview per this long, after the first step's
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
 # Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
 # spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
 BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
 PICTURE_BYTES_PER_PIXEL = 80
-TILE_OVERLAP = 64  # px that neighbouring tiles share, blended with feathered edges
 STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a transfer spends its steps; bench/README.md has what other values did on trained features."""
-
-    start_side: int = 128  # long side of the first scale
-    step_decay: float = 0.9  # each scale gets this share of the previous scale's steps
-    learning_rate: float = 0.02  # Adam's, in pixel units (images in [0, 1])
-    average_decay: float = 0.8  # what is shown and kept: an exponential moving average of the iterates
-
-
-SCHEDULE = Schedule()
 
 
 @dataclass
@@ -90,169 +78,6 @@ class Progress:
         return images.to_image(self.pixels)
 
 
-@dataclass(frozen=True)
-class Scale:
-    size: tuple[int, int]  # (width, height)
-    steps: int
-    tile: int  # side of the square tiles it is optimized in, in px; 0 where it is optimized whole
-
-    @property
-    def passes(self) -> int:
-        """Passes over the tiles, the grid moved between them; each tile gets steps / passes steps a pass."""
-        return 2 if self.tile and self.steps >= 4 else 1
-
-    def tile_steps(self, tile_pass: int) -> int:
-        return self.steps // self.passes + (tile_pass < self.steps % self.passes)
-
-    def grid(self, tile_pass: int) -> list[tuple[slice, slice]]:
-        """(rows, columns) of each tile in a pass; the grid moves by half a tile between passes."""
-        if not self.tile:
-            return [(slice(0, self.size[1]), slice(0, self.size[0]))]
-        shifted = tile_pass % 2 == 1
-        return [(rows, columns) for rows in _spans(self.size[1], self.tile, shifted)
-                for columns in _spans(self.size[0], self.tile, shifted)]
-
-    @property
-    def step_cost(self) -> int:
-        """Pixels optimized by one step over the whole picture: overlapping tiles count their overlap twice, and
-        the passes' grids (which differ in tiles) are averaged over the steps."""
-        def area(grid: list[tuple[slice, slice]]) -> int:
-            return sum((r.stop - r.start) * (c.stop - c.start) for r, c in grid)
-        return round(sum(self.tile_steps(p) * area(self.grid(p)) for p in range(self.passes)) / self.steps)
-
-
-def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
-    """Overlapping spans of at most `tile` px along one axis: equal parts, each reaching half the overlap past
-    its ends; `shifted`, the cuts fall halfway between the unshifted ones (and the end parts are half parts)."""
-    if length <= tile:
-        return [slice(0, length)]
-    parts = math.ceil(length / (tile - TILE_OVERLAP))
-    cuts = [round(length * (k - 0.5 * shifted) / parts) for k in range(1, parts + shifted)]
-    bounds = [0, *cuts, length]
-    half = TILE_OVERLAP // 2
-    return [slice(max(0, a - half), min(length, b + half)) for a, b in itertools.pairwise(bounds)]
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        device = torch.device(name)
-        available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-                     "mps": torch.backends.mps.is_available()}
-        if not available[device.type]:
-            raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    _configure(device.type)
-    return device
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """The network's number format: `name`, or for "auto" the fastest that keeps quality on `device`:
-    bfloat16 where the hardware runs it natively, float16 on other GPUs, float32 elsewhere (bench/README.md)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"  # MPS, and CPUs that emulate bfloat16 (slower than float32 there)
-
-
-@functools.cache
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16), from Linux's list of its features."""
-    try:
-        with open(cpuinfo) as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def gpu_names() -> list[str]:
-    """This machine's CUDA devices as device names ("cuda:0", "cuda:1", ...), for spreading runs over them."""
-    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
-
-@functools.cache
-def _configure(device_type: str) -> None:
-    if device_type == "cuda":
-        # TF32 convolutions and matmuls: several times faster, far below visible precision.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif device_type == "cpu":
-        torch.set_num_threads(cpu_budget())
-
-
-def cpu_budget() -> int:
-    """CPUs this process may really use: affinity, and a container's CPU quota (cgroup v2)."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return count
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes this process can still allocate on `device`, or None where that cannot be known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    limits = []
-    try:
-        meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
-        limits.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
-    except (OSError, KeyError, ValueError):
-        pass
-    # The container's limit: cgroup v2, or v1 (which reports no limit as a number near 2**63).
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            maximum = open(f"/sys/fs/cgroup/{limit_file}").read().strip()
-            if maximum != "max" and int(maximum) < 2**60:
-                limits.append(int(maximum) - int(open(f"/sys/fs/cgroup/{usage_file}").read()))
-        except (OSError, ValueError):
-            pass
-    return min(limits) if limits else None
-
-
-def scale_sizes(image_size: tuple[int, int], long_side: int, start_side: int = SCHEDULE.start_side
-                ) -> list[tuple[int, int]]:
-    """(width, height) of each scale: geometric from about `start_side` up to `long_side`."""
-    aspect = max(image_size) / min(image_size)
-    if long_side / aspect < MIN_SHORT_SIDE:
-        raise SettingsError(f"An output {long_side} px long is too small for this {image_size[0]}x"
-                            f"{image_size[1]} image; choose at least {math.ceil(MIN_SHORT_SIDE * aspect)} px.")
-    start = min(long_side, max(start_side, math.ceil(MIN_SHORT_SIDE * aspect)))
-    count = math.ceil(math.log(long_side / start) / math.log(math.sqrt(2)) - 1e-9)
-    sides = [round(start * (long_side / start) ** (k / count)) for k in range(count)] + [long_side]
-    return [images.fit(image_size, side) for side in sides]
-
-
-def split_steps(total: int, scales: int, decay: float = SCHEDULE.step_decay) -> list[int]:
-    """Steps per scale, decaying geometrically so most of the work is at the cheap small scales; at least one
-    each (there are never more scales than steps)."""
-    shares = [decay**k for k in range(scales)]
-    counts = [max(1, math.floor(total * share / sum(shares))) for share in shares]
-    counts[0] += total - sum(counts)
-    return counts
-
-
-def plan(image_size: tuple[int, int], settings: Settings, schedule: Schedule = SCHEDULE) -> list[Scale]:
-    """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles."""
-    sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps:]
-    return [Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
-            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule.step_decay), strict=True)]
-
-
 def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
     """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
     never); a size that does not fit even so is refused now rather than killed half-way."""
@@ -272,17 +97,6 @@ def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device,
         return replace(scale, tile=side)
 
     return [fitted(scale) for scale in scales]
-
-
-def work_done(scales: list[Scale]) -> list[int]:
-    """Work done after each step, a step costing the pixels it optimizes: what VGG19's time grows with."""
-    return list(itertools.accumulate(scale.step_cost for scale in scales for _ in range(scale.steps)))
-
-
-def job_work(content_size: tuple[int, int], settings: Settings) -> int:
-    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts (tiles
-    that memory may call for, and their overlap, left out)."""
-    return work_done(plan(content_size, settings))[-1]
 
 
 def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
@@ -317,84 +131,35 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
 def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[float], mask: Image.Image | None,
               init_image: Image.Image | None, settings: Settings, schedule: Schedule, scales: list[Scale],
               device: torch.device, weights: Weights, precision: str) -> Iterator[Progress]:
+    """The work of `transfer`: each scale's steps in turn (`_scale_steps`), from the start image (`_start_image`),
+    then the final picture."""
     vgg = feature_extractor(settings.layers, settings.weights, str(device), precision)
     objective = _Objective(vgg, settings, BALANCES[weights.kind], precision)
     full = scales[-1].size
-    work = work_done(scales)
-
-    photo = images.to_tensor(content, full).to(device)
+    photo = _Photo.of(content, mask, settings, full, device)
     style_side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))
     style_tensors = [images.to_tensor(s, images.fit(s.size, style_side)).to(device) for s in styles]
     if settings.preserve_colors == "histogram":
-        style_tensors = [images.match_colors(s, photo) for s in style_tensors]
+        style_tensors = [images.match_colors(s, photo.colours) for s in style_tensors]
     elif settings.preserve_colors == "luminance":
-        style_tensors = [images.match_luminance(s, photo) for s in style_tensors]
-    # What VGG compares against: the photo, or its grey version when only luminance is styled.
-    target_photo = images.luminance(photo) if settings.preserve_colors == "luminance" else photo
-    region = None if mask is None else images.to_tensor(mask.convert("L").convert("RGB"), full)[:, :1].to(device)
-
-    first = scales[0].size
-    if init_image is not None:
-        x = images.to_tensor(init_image.convert("RGB"), first).to(device)
-        if settings.preserve_colors == "luminance":
-            x = images.luminance(x)
-    elif settings.init == "noise":
-        generator = torch.Generator().manual_seed(settings.seed)
-        x = torch.rand((1, 3, first[1], first[0]), generator=generator).to(device)
-    else:
-        x = images.resize(target_photo, first)
-
-    def shown(image: torch.Tensor) -> torch.Tensor:
-        """What the user sees: the region blended back into the photo, the photo's colours restored."""
-        size = (image.shape[-1], image.shape[-2])
-        if region is not None:
-            m = images.resize(region, size)
-            image = m * image + (1 - m) * images.resize(target_photo, size)
-        if settings.preserve_colors == "luminance":
-            image = images.with_chroma_of(image, images.resize(photo, size))
-        return image.detach()
+        style_tensors = [images.match_luminance(s, photo.colours) for s in style_tensors]
+    x = _start_image(init_image, photo.target, settings, scales[0].size, device)
 
     started = time.perf_counter()
-    last_preview = -math.inf  # the first step's picture is shown at once, however fast the machine
-    record = functools.partial(Progress, total=settings.steps, scales=len(scales), weights=weights.kind,
-                               device=str(device), precision=precision, note=weights.note)
+
+    def record(**fields: Any) -> Progress:
+        return Progress(total=settings.steps, scales=len(scales), elapsed=time.perf_counter() - started,
+                        weights=weights.kind, device=str(device), precision=precision, note=weights.note, **fields)
+
+    run = _Run(objective, photo, settings, schedule, work_done(scales), _Throttle(), record)
     step = 0
     try:
         for index, scale in enumerate(scales, start=1):
             objective.aim_style(_style_targets(vgg, style_tensors, blend, objective.layer_weights, scale, settings))
-            photo_here = images.resize(target_photo, scale.size)
-            region_here = None if region is None else images.resize(region, scale.size)
-            x = images.resize(x, scale.size).clone()  # tiles are written into it: never the photo itself
-            picture = shown(x).clone() if scale.tile else None  # a tiled scale's previews: as of the last tile
-            steps_before, work_before, cost = step, work[step - 1] if step else 0, scale.step_cost
-            scale_end = work[step + scale.steps - 1]
-            tile_work = 0
-            for tile_pass in range(scale.passes):
-                grid = scale.grid(tile_pass)
-                for number, (rows, columns) in enumerate(grid, start=1):
-                    objective.aim_content(photo_here[..., rows, columns],
-                                          None if region_here is None else region_here[..., rows, columns])
-                    descent = _Descent(objective, x[..., rows, columns], settings, schedule)
-                    for _ in range(scale.tile_steps(tile_pass)):
-                        descent.step()
-                        tile_work += descent.x[0, 0].numel()
-                        step = steps_before + min(tile_work // cost, scale.steps)
-                        if time.perf_counter() - last_preview >= PREVIEW_SECONDS and step < settings.steps:
-                            yield record(step=step, scale=index, size=scale.size,
-                                         elapsed=time.perf_counter() - started,
-                                         done=min(work_before + tile_work, scale_end) / work[-1],
-                                         losses=objective.last_losses(), tile=number if scale.tile else 0,
-                                         tiles=len(grid) if scale.tile else 0, final=False,
-                                         pixels=picture if scale.tile else shown(descent.average()))
-                            last_preview = time.perf_counter()  # the consumer's time does not count
-                    if scale.tile:
-                        _blend_tile(x, descent.average(), rows, columns, scale.size)
-                        picture = shown(x).clone()
-                    else:
-                        x = descent.average()
-            step = steps_before + scale.steps
-        yield record(step=step, scale=len(scales), size=full, elapsed=time.perf_counter() - started, done=1.0,
-                     losses=objective.last_losses(), tile=0, tiles=0, final=True, pixels=shown(x))
+            x = yield from run.scale_steps(x, scale, index, step)
+            step += scale.steps
+        yield record(step=step, scale=len(scales), size=full, done=1.0, losses=objective.last_losses(), tile=0,
+                     tiles=0, final=True, pixels=photo.shown(x))
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
             raise
@@ -403,6 +168,109 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class _Photo:
+    """The photo as the optimization sees it and as the user is shown the result."""
+
+    colours: torch.Tensor  # the photo, at full size
+    target: torch.Tensor  # what VGG compares against: the photo, or its grey version when only luminance is styled
+    region: torch.Tensor | None  # where the style goes (1 channel), or None for everywhere
+    luminance_only: bool
+
+    @classmethod
+    def of(cls, content: Image.Image, mask: Image.Image | None, settings: Settings, full: tuple[int, int],
+           device: torch.device) -> _Photo:
+        photo = images.to_tensor(content, full).to(device)
+        luminance_only = settings.preserve_colors == "luminance"
+        region = None if mask is None else images.to_tensor(mask.convert("L").convert("RGB"), full)[:, :1].to(device)
+        return cls(photo, images.luminance(photo) if luminance_only else photo, region, luminance_only)
+
+    def shown(self, image: torch.Tensor) -> torch.Tensor:
+        """What the user sees: the region blended back into the photo, the photo's colours restored."""
+        size = (image.shape[-1], image.shape[-2])
+        if self.region is not None:
+            m = images.resize(self.region, size)
+            image = m * image + (1 - m) * images.resize(self.target, size)
+        if self.luminance_only:
+            image = images.with_chroma_of(image, images.resize(self.colours, size))
+        return image.detach()
+
+
+def _start_image(init_image: Image.Image | None, target: torch.Tensor, settings: Settings, first: tuple[int, int],
+                 device: torch.device) -> torch.Tensor:
+    """The picture the first scale starts from: `init_image` where given, else noise or the photo (`settings.init`)."""
+    if init_image is not None:
+        x = images.to_tensor(init_image.convert("RGB"), first).to(device)
+        return images.luminance(x) if settings.preserve_colors == "luminance" else x
+    if settings.init == "noise":
+        generator = torch.Generator().manual_seed(settings.seed)
+        return torch.rand((1, 3, first[1], first[0]), generator=generator).to(device)
+    return images.resize(target, first)
+
+
+class _Throttle:
+    """When a preview is due: at most one per PREVIEW_SECONDS, the first step's at once, however fast the machine;
+    the time the consumer takes over a preview does not count."""
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= PREVIEW_SECONDS
+
+    def shown(self) -> None:
+        self.last = time.perf_counter()
+
+
+@dataclass
+class _Run:
+    """What every scale of one transfer shares: `scale_steps` makes one scale's steps."""
+
+    objective: _Objective
+    photo: _Photo
+    settings: Settings
+    schedule: Schedule
+    work: list[int]  # work done after each step (work_done)
+    throttle: _Throttle
+    record: Callable[..., Progress]
+
+    def scale_steps(self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
+                    ) -> Generator[Progress, None, torch.Tensor]:
+        """One scale's steps on `x` (the picture so far), whole or tile by tile, yielding previews when due;
+        returns the picture at the end of the scale."""
+        work, objective = self.work, self.objective
+        photo_here = images.resize(self.photo.target, scale.size)
+        region_here = None if self.photo.region is None else images.resize(self.photo.region, scale.size)
+        x = images.resize(x, scale.size).clone()  # tiles are written into it: never the photo itself
+        picture = self.photo.shown(x).clone() if scale.tile else None  # a tiled scale's previews: as of the last tile
+        work_before, cost = work[steps_before - 1] if steps_before else 0, scale.step_cost
+        scale_end = work[steps_before + scale.steps - 1]
+        tile_work = 0
+        for tile_pass in range(scale.passes):
+            grid = scale.grid(tile_pass)
+            for number, (rows, columns) in enumerate(grid, start=1):
+                objective.aim_content(photo_here[..., rows, columns],
+                                      None if region_here is None else region_here[..., rows, columns])
+                descent = _Descent(objective, x[..., rows, columns], self.settings, self.schedule)
+                for _ in range(scale.tile_steps(tile_pass)):
+                    descent.step()
+                    tile_work += descent.x[0, 0].numel()
+                    step = steps_before + min(tile_work // cost, scale.steps)
+                    if self.throttle.due() and step < self.settings.steps:
+                        yield self.record(step=step, scale=index, size=scale.size,
+                                          done=min(work_before + tile_work, scale_end) / work[-1],
+                                          losses=objective.last_losses(), tile=number if scale.tile else 0,
+                                          tiles=len(grid) if scale.tile else 0, final=False,
+                                          pixels=picture if scale.tile else self.photo.shown(descent.average()))
+                        self.throttle.shown()
+                if scale.tile:
+                    _blend_tile(x, descent.average(), rows, columns, scale.size)
+                    picture = self.photo.shown(x).clone()
+                else:
+                    x = descent.average()
+        return x
 
 
 class _Descent:
@@ -488,22 +356,6 @@ def _gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str], til
     return out
 
 
-def style_layer_weights(settings: Settings, balance: Balance) -> dict[str, float]:
-    """Each style layer's share of the style loss: the settings' own weights, else the balance's; summing to 1."""
-    if settings.style_layer_weights:
-        weights = dict(zip(settings.style_layers, settings.style_layer_weights, strict=True))
-    else:
-        unknown = [name for name in settings.style_layers if name not in balance.style_layers]
-        if unknown:
-            raise SettingsError(f"Give style_layer_weights for the style layers {', '.join(unknown)}: "
-                                "the loss balance has weights for relu1_1 to relu5_1 only.")
-        weights = {name: balance.style_layers[name] for name in settings.style_layers}
-    total = sum(weights.values())
-    if total <= 0:
-        raise SettingsError("At least one style layer weight must be above zero.")
-    return {name: weight / total for name, weight in weights.items()}
-
-
 class _Objective:
     """The loss of a picture, or of a tile of it: style targets set once per scale (`aim_style`), the content
     target and the region per tile (`aim_content`)."""
@@ -560,13 +412,3 @@ class _Objective:
         return {name: value.item() for name, value in self.losses.items()}
 
 
-def result_metadata(settings: Settings, progress: Progress) -> dict[str, str]:
-    """PNG text chunks that record how a result was made: the settings as given, with the precision that ran (so
-    that a rerun gives the same pixels; a weights file named only in the server's environment stays out of
-    pictures shown to strangers), and the kind of weights used."""
-    ran = replace(settings, precision=progress.precision)
-    meta = {"Software": "stylize", "stylize:settings": ran.to_json(), "stylize:weights": progress.weights,
-            "stylize:precision": progress.precision}
-    if progress.note:
-        meta["stylize:warning"] = progress.note
-    return meta

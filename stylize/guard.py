@@ -27,7 +27,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from .engine import job_work, plan
+from .plan import job_work, plan
 from .settings import Settings, SettingsError
 from .timing import StepSpeed, StepTimer
 

@@ -13,7 +13,9 @@ import os
 import re
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .decoding import MAX_BYTES, MAX_PIXELS, ImageError, decode, refuse_metadata_bomb, shrunk, to_rgb, truncated
 from .decoding import fit as fit  # part of this module's interface: the engine sizes its scales with it
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 MIN_SIDE = 16
 MAX_ASPECT = 8.0
@@ -231,3 +236,16 @@ def save_png(image: Image.Image, target: str | os.PathLike | io.BytesIO, metadat
 def png_metadata(path: str | os.PathLike) -> dict[str, str]:
     with Image.open(path) as image:
         return dict(getattr(image, "text", {}))
+
+
+def result_metadata(settings: Settings, progress: Any) -> dict[str, str]:
+    """PNG text chunks that record how a result was made: the settings as given, with the precision that ran (so
+    that a rerun gives the same pixels; a weights file named only in the server's environment stays out of
+    pictures shown to strangers), and the kind of weights used. `progress` is the engine's Progress record
+    of the result."""
+    ran = replace(settings, precision=progress.precision)
+    meta = {"Software": "stylize", "stylize:settings": ran.to_json(), "stylize:weights": progress.weights,
+            "stylize:precision": progress.precision}
+    if progress.note:
+        meta["stylize:warning"] = progress.note
+    return meta

@@ -27,8 +27,10 @@ from typing import Any
 from PIL import Image, ImageChops
 
 from . import guard
-from .engine import gpu_names, job_work, pick_device, result_metadata, transfer
-from .images import ImageError, image_size, load_image, load_opacity, save_png
+from .device import gpu_names, pick_device
+from .engine import transfer
+from .images import ImageError, image_size, load_image, load_opacity, result_metadata, save_png
+from .plan import job_work
 from .settings import Settings, SettingsError, brief
 from .timing import StepSpeed, StepTimer
 

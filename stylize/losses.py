@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import Settings, SettingsError
+
 
 @dataclass(frozen=True)
 class Balance:
@@ -42,6 +44,22 @@ BALANCES = {
     # times smaller than trained ones, while total variation is measured on the picture itself.
     "untrained": Balance(content=4.0, tv=0.02, style_layers=REFERENCE.style_layers),
 }
+
+
+def style_layer_weights(settings: Settings, balance: Balance) -> dict[str, float]:
+    """Each style layer's share of the style loss: the settings' own weights, else the balance's; summing to 1."""
+    if settings.style_layer_weights:
+        weights = dict(zip(settings.style_layers, settings.style_layer_weights, strict=True))
+    else:
+        unknown = [name for name in settings.style_layers if name not in balance.style_layers]
+        if unknown:
+            raise SettingsError(f"Give style_layer_weights for the style layers {', '.join(unknown)}: "
+                                "the loss balance has weights for relu1_1 to relu5_1 only.")
+        weights = {name: balance.style_layers[name] for name in settings.style_layers}
+    total = sum(weights.values())
+    if total <= 0:
+        raise SettingsError("At least one style layer weight must be above zero.")
+    return {name: weight / total for name, weight in weights.items()}
 
 
 class _SymmetricProduct(torch.autograd.Function):

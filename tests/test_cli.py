@@ -10,8 +10,7 @@ from PIL import Image, PngImagePlugin
 
 from stylize import Settings, load_image, transfer
 from stylize.cli import FLAGS, main
-from stylize.engine import result_metadata
-from stylize.images import png_metadata, save_png
+from stylize.images import png_metadata, result_metadata, save_png
 from stylize.settings import format_number, knob
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,6 +20,7 @@ from conftest import artwork, live_app, photo
 from gradio_client import Client, handle_file
 from PIL import Image
 
+import stylize.device
 import stylize.engine
 import stylize.jobs
 from stylize import Settings, SettingsError
@@ -121,10 +122,10 @@ def test_a_gpu_is_named_by_its_number(monkeypatch):
         Settings(device="gpu1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert stylize.engine.gpu_names() == ["cuda:0", "cuda:1"]
-    assert stylize.engine.pick_device("cuda:1") == torch.device("cuda:1")
+    assert stylize.device.gpu_names() == ["cuda:0", "cuda:1"]
+    assert stylize.device.pick_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(SettingsError, match="'cuda:2' is not available"):
-        stylize.engine.pick_device("cuda:2")
+        stylize.device.pick_device("cuda:2")
 
 
 def test_one_gpu_or_none_leaves_the_choice_to_the_engine(monkeypatch):

@@ -8,9 +8,10 @@ from conftest import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer
-from stylize.engine import pick_device, pick_precision, scale_sizes, split_steps
+from stylize.device import pick_device, pick_precision
 from stylize.images import to_tensor
 from stylize.losses import StyleTarget, gaussian, gram, style_loss
+from stylize.plan import scale_sizes, split_steps
 from stylize.vgg import feature_extractor
 
 SMALL = {"size": 96, "steps": 30}
@@ -183,7 +184,7 @@ def test_running_out_of_memory_mid_run_becomes_a_message(monkeypatch, content_im
 
 def test_a_jobs_work_is_known_before_it_starts(monkeypatch, content_image, style_image):
     """job_work (what a server's time estimate uses) is the pixel count summed over the steps the run takes."""
-    from stylize.engine import job_work
+    from stylize.plan import job_work
 
     monkeypatch.setattr("stylize.engine.PREVIEW_SECONDS", 0)  # a record for every step
     settings = Settings(size=150, steps=12)
@@ -193,7 +194,7 @@ def test_a_jobs_work_is_known_before_it_starts(monkeypatch, content_image, style
 
 
 def test_a_result_records_the_weights_kind_not_a_server_path(monkeypatch, content_image, style_image):
-    from stylize.engine import result_metadata
+    from stylize.images import result_metadata
 
     settings = Settings(size=64, steps=2)
     final = list(transfer(content_image, style_image, settings))[-1]

@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse
 
 from stylize import Settings, SettingsError
 from stylize import guard as guard_module
-from stylize.engine import job_work, plan, transfer
+from stylize.engine import transfer
 from stylize.guard import SAMPLE, SAMPLE_PHOTO, Guard, JobClock, client_of, sweep, sweeping
 from stylize.jobs import sample_speed
+from stylize.plan import job_work, plan
 from stylize.timing import StepSpeed, StepTimer
 
 PHOTO = (4000, 3000)

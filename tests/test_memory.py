@@ -5,7 +5,7 @@ import io
 
 import torch
 
-import stylize.engine
+import stylize.device
 
 
 def files(contents: dict[str, str]):
@@ -26,14 +26,14 @@ def test_a_cgroup_v1_limit_is_read(monkeypatch):
     monkeypatch.setattr(stylize.engine, "open", files({
         "/proc/meminfo": MEMINFO, "/sys/fs/cgroup/memory/memory.limit_in_bytes": str(2**30),
         "/sys/fs/cgroup/memory/memory.usage_in_bytes": str(2**28)}), raising=False)
-    assert stylize.engine.free_memory(torch.device("cpu")) == 2**30 - 2**28
+    assert stylize.device.free_memory(torch.device("cpu")) == 2**30 - 2**28
 
 
 def test_a_cgroup_v2_limit_is_read(monkeypatch):
     monkeypatch.setattr(stylize.engine, "open", files({
         "/proc/meminfo": MEMINFO, "/sys/fs/cgroup/memory.max": str(2**31),
         "/sys/fs/cgroup/memory.current": str(2**30)}), raising=False)
-    assert stylize.engine.free_memory(torch.device("cpu")) == 2**30
+    assert stylize.device.free_memory(torch.device("cpu")) == 2**30
 
 
 def test_no_container_limit_leaves_the_machines_memory(monkeypatch):
@@ -41,4 +41,4 @@ def test_no_container_limit_leaves_the_machines_memory(monkeypatch):
         "/proc/meminfo": MEMINFO, "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
         "/sys/fs/cgroup/memory/memory.usage_in_bytes": str(2**30), "/sys/fs/cgroup/memory.max": "max"}),
         raising=False)
-    assert stylize.engine.free_memory(torch.device("cpu")) == 32 * 2**30
+    assert stylize.device.free_memory(torch.device("cpu")) == 32 * 2**30

@@ -6,7 +6,8 @@ import torch
 from conftest import artwork, photo, style_distance
 
 from stylize import Settings, transfer
-from stylize.engine import cpu_has_native_bf16, pick_precision, result_metadata
+from stylize.device import cpu_has_native_bf16, pick_precision
+from stylize.images import result_metadata
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")
@@ -30,7 +31,7 @@ def test_without_a_cpu_list_bf16_is_not_assumed(tmp_path):
 
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch, native, expected):
-    monkeypatch.setattr("stylize.engine.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("stylize.device.cpu_has_native_bf16", lambda: native)
     assert pick_precision("auto", CPU) == expected
     assert pick_precision("fp32", CPU) == "fp32"  # asked for: as asked
 
@@ -74,7 +75,7 @@ def test_bf16_paints_as_well_as_fp32():
 
 
 def test_the_result_records_the_precision_that_ran(monkeypatch):
-    monkeypatch.setattr("stylize.engine.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("stylize.device.cpu_has_native_bf16", lambda: False)
     settings = Settings(size=64, steps=2)  # auto
     final = list(transfer(photo(), artwork(), settings))[-1]
     metadata = result_metadata(settings, final)

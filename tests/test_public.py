@@ -27,7 +27,7 @@ from test_images import chunk, encoded, png_bomb, progressive
 import stylize.jobs
 import stylize.ui
 from stylize import Settings, guard
-from stylize.engine import job_work
+from stylize.plan import job_work
 from stylize.timing import StepSpeed
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")

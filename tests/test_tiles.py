@@ -10,7 +10,8 @@ from conftest import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer
-from stylize.engine import TILE_OVERLAP, Scale, _gaussians, _spans, fit_in_memory, plan
+from stylize.engine import _gaussians, fit_in_memory
+from stylize.plan import TILE_OVERLAP, Scale, _spans, plan
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")

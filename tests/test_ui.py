@@ -23,10 +23,10 @@ from PIL import Image
 import stylize.engine
 import stylize.ui
 import stylize.vgg
-from stylize.engine import Scale, scale_sizes, split_steps, work_done
 from stylize.guard import SAMPLE
 from stylize.images import MAX_BYTES
 from stylize.jobs import Frame
+from stylize.plan import Scale, scale_sizes, split_steps, work_done
 from stylize.settings import knob
 from stylize.timing import StepTimer, TimeLeft
 from stylize.ui import SSR_NODE_MAJOR, launch_options, ssr_available
