@@ -1,9 +1,10 @@
 """What keeps a public server serving everyone: limits on one job, on one client and on the disk.
 
-A public page has one worker (or a few) and strangers for users, some of them hostile. Every limit is set
-here, once, from its environment variable; README ("Running it publicly") lists them. Nothing here imports
-gradio: `stylize.ui` times the server with `JobClock`, puts `Guard` in front of the app's routes and runs
-`sweeping` for the app's lifetime.
+A public page has one worker (or a few) and strangers for users, some of them hostile. Every limit is read here,
+once, from its environment variable into one frozen `LIMITS` (README, "Running it publicly", lists them); code
+reads it when it needs a limit. Nothing here imports gradio: `stylize.jobs` lets a job in with `admit` (its size,
+images, pixels and time on the server's `JobClock`), `stylize.ui` puts `Guard` in front of the app's routes and
+runs `sweeping` for the app's lifetime.
 """
 
 from __future__ import annotations
@@ -15,35 +16,68 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 
+from .asgi import HeldResponse, body_of, drain, one_range_at_most, refuse, replay
+from .images import ImageError, image_size
 from .plan import job_work, plan
 from .settings import Settings, SettingsError
 from .timing import StepSpeed, StepTimer
 
 LOG = logging.getLogger(__name__)
-MAX_JOB_SECONDS = float(os.environ.get("STYLIZE_MAX_JOB_SECONDS", "300"))
-JOBS_PER_CLIENT = int(os.environ.get("STYLIZE_JOBS_PER_CLIENT", "2"))  # waiting or running, at once
-MAX_JOB_PIXELS = int(float(os.environ.get("STYLIZE_MAX_JOB_MEGAPIXELS", "120")) * 1_000_000)  # all its images
-CLIENT_STORAGE = int(float(os.environ.get("STYLIZE_CLIENT_STORAGE_MB", "500")) * 2**20)  # uploads kept at once
-STORAGE = int(float(os.environ.get("STYLIZE_STORAGE_MB", "5000")) * 2**20)  # the app's folder, everyone together
-KEEP_SECONDS = max(1, int(float(os.environ.get("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of a public server, read once from the environment (`from_env`; README, "Running it publicly",
+    lists the variables). Code reads `LIMITS` when it needs a limit, so a test may replace it."""
+
+    max_job_seconds: float = 300  # STYLIZE_MAX_JOB_SECONDS: one job's estimated time
+    jobs_per_client: int = 2  # STYLIZE_JOBS_PER_CLIENT: waiting or running, at once
+    max_job_pixels: int = 120_000_000  # STYLIZE_MAX_JOB_MEGAPIXELS: all of one job's images together
+    client_storage: int = 500 * 2**20  # STYLIZE_CLIENT_STORAGE_MB: one client's uploads kept at once
+    storage: int = 5000 * 2**20  # STYLIZE_STORAGE_MB: the app's folder, everyone together
+    keep_seconds: int = 3 * 3600  # STYLIZE_KEEP_FILES_SECONDS: how long uploads and results are kept
+    trusted_proxies: str = ""  # STYLIZE_TRUSTED_PROXIES (see visitor_address); "1" on a Space
+    max_size: int | None = None  # STYLIZE_MAX_SIZE: px on the long side; None: by device (see max_size)
+    concurrency: int = 1  # STYLIZE_CONCURRENCY: runs at once
+    queue_size: int = 32  # STYLIZE_QUEUE_SIZE: jobs waiting, everyone together
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
+        def number(name: str, default: float) -> float:
+            return float(env.get(name, default))
+        return cls(max_job_seconds=number("STYLIZE_MAX_JOB_SECONDS", 300),
+                   jobs_per_client=int(env.get("STYLIZE_JOBS_PER_CLIENT", "2")),
+                   max_job_pixels=int(number("STYLIZE_MAX_JOB_MEGAPIXELS", 120) * 1_000_000),
+                   client_storage=int(number("STYLIZE_CLIENT_STORAGE_MB", 500) * 2**20),
+                   storage=int(number("STYLIZE_STORAGE_MB", 5000) * 2**20),
+                   keep_seconds=max(1, int(number("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))),
+                   trusted_proxies=env.get("STYLIZE_TRUSTED_PROXIES", "1" if env.get("SPACE_ID") else ""),
+                   max_size=int(env["STYLIZE_MAX_SIZE"]) if "STYLIZE_MAX_SIZE" in env else None,
+                   concurrency=int(env.get("STYLIZE_CONCURRENCY", "1")),
+                   queue_size=int(env.get("STYLIZE_QUEUE_SIZE", "32")))
+
+    @property
+    def sweep_seconds(self) -> int:
+        """How often the app's folder is swept (`sweeping`)."""
+        return min(600, self.keep_seconds)
+
+
+LIMITS = Limits.from_env()
 MAX_EXTRA_IMAGES = 8  # extra style images in one job, and painted layers in one job
 MAX_FILES_PER_UPLOAD = MAX_EXTRA_IMAGES  # the most the page sends at once: a gallery's worth
 MAX_REQUEST_BYTES = 2**20  # any other request: a job's inputs are file names, numbers and short text
 MIN_FILE_CHARGE = 64 * 2**10  # a stored file costs a folder and inodes too: it counts as at least this
 DISK_SECONDS = 60  # how long the app folder's size, once measured, stands (plus the uploads since)
-SWEEP_SECONDS = min(600, KEEP_SECONDS)
 # The transfer the server times: a draft's size, so that its time is mostly the per-pixel work that the work model
 # counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
 SAMPLE = {"size": 256, "steps": 24}
@@ -98,25 +132,28 @@ class JobClock:
                    for scale in plan(content_size, settings))
 
     def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
-        """Refuse a job that would hold the worker longer than MAX_JOB_SECONDS, naming the largest size that fits."""
+        """Refuse a job that would hold the worker longer than LIMITS.max_job_seconds, naming the largest size that
+        fits."""
         estimate = self._over_limit(content_size, settings)
         if estimate is None:
             return
         sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
         fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size))), None)
         advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
+        limit = _about(LIMITS.max_job_seconds)
         raise SettingsError(f"A {settings.size} px picture with the {preset} preset would take about "
-                            f"{_about(estimate)} on this server; the limit is {_about(MAX_JOB_SECONDS)}. {advice}")
+                            f"{_about(estimate)} on this server; the limit is {limit}. {advice}")
 
     def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
-        """A job's estimated seconds where they pass MAX_JOB_SECONDS; None where it may run."""
-        if MAX_JOB_SECONDS == math.inf:  # no limit: nothing to wait for
+        """A job's estimated seconds where they pass the limit; None where it may run."""
+        limit = LIMITS.max_job_seconds
+        if limit == math.inf:  # no limit: nothing to wait for
             return None
         self.timed.wait()
         estimate = self.estimate(content_size, settings)
         if estimate is None or job_work(content_size, settings) <= self.least_work:
             return None
-        return estimate if estimate > MAX_JOB_SECONDS else None
+        return estimate if estimate > limit else None
 
     def _fits(self, content_size: tuple[int, int], settings: Settings) -> bool:
         try:
@@ -129,7 +166,7 @@ def max_size(gpu: bool) -> int:
     """The largest picture this server makes, in px on the long side: STYLIZE_MAX_SIZE, else 4096 on a GPU and
     2048 on a CPU (bigger pictures are made in tiles, which only a GPU makes in minutes; the job time limit
     still applies). Print sizes up to 8192 px stay open to the command line and to servers that allow them."""
-    return int(os.environ.get("STYLIZE_MAX_SIZE", 4096 if gpu else 2048))
+    return LIMITS.max_size or (4096 if gpu else 2048)
 
 
 def check_size(size: int, gpu: bool) -> None:
@@ -138,6 +175,38 @@ def check_size(size: int, gpu: bool) -> None:
         raise SettingsError(f"This server makes pictures up to {largest} px; {size} px is more. Choose a "
                             f"smaller size, or make print sizes with the command line (stylize --size {size}) or "
                             "on a server that allows them (STYLIZE_MAX_SIZE).")
+
+
+def admit(settings: Settings, files: Sequence[tuple[str, str]], extra_styles: int, layers: int, *, gpu: bool,
+          clock: JobClock, preset: str) -> tuple[int, int]:
+    """Refuse a job this server should not run, before any pixel is decoded; else the photo's (width, height).
+
+    `files` are the job's (path, what) in order, the photo first, then the style artwork, `extra_styles` extra
+    style images and `layers` painted layers. Checked in turn: the picture's size (`check_size`), the images'
+    count, each file's presence and header, their pixels together, and the job's time on `clock`, with the
+    quality preset named `preset` in its message."""
+    check_size(settings.size, gpu)
+    if extra_styles > MAX_EXTRA_IMAGES:
+        raise ImageError(f"Use at most {MAX_EXTRA_IMAGES} more style images; {extra_styles} were given.")
+    if layers > MAX_EXTRA_IMAGES:
+        raise ImageError(f"The painted region may have at most {MAX_EXTRA_IMAGES} layers; {layers} were given.")
+    sizes = [image_size(_uploaded(path, what), what) for path, what in files]
+    pixels = sum(width * height for width, height in sizes)
+    limit = LIMITS.max_job_pixels
+    if pixels > limit:
+        raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
+                         f"{limit / 1e6:.0f}. Use fewer or smaller images.")
+    clock.check(sizes[0], settings, preset)
+    return sizes[0]
+
+
+def _uploaded(path: str, what: str) -> str:
+    """An uploaded file's path, once it is known to be still there: a page left open past the cleanup sends a path
+    that is gone, and its user is told to upload again rather than that a file with a random name does not exist."""
+    if not Path(path).is_file():
+        raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
+                         "Upload it again.")
+    return path
 
 
 def _about(seconds: float) -> str:
@@ -150,7 +219,6 @@ def _about(seconds: float) -> str:
 # a hop count N (the visitor is the address the Nth proxy from here appended: a Space's proxy appends one, and
 # gradio's own Node server passes the header on unchanged), or the proxies' addresses and networks, separated by
 # commas. By default none, except on a Hugging Face Space (SPACE_ID set): anyone can write the header.
-TRUSTED_PROXIES = os.environ.get("STYLIZE_TRUSTED_PROXIES", "1" if os.environ.get("SPACE_ID") else "")
 UNIDENTIFIED = "visitors without an address"  # those a local proxy relays, which share one upload allowance
 
 
@@ -169,10 +237,11 @@ def visitor_address(peer: str | None, forwarded: str) -> str | None:
     hop count N, the Nth address from the right, or the peer where there are fewer (the request bypassed the
     proxies); with proxy addresses, the first address that is not one, from the peer leftwards."""
     chain = [peer, *reversed([entry.strip() for entry in forwarded.split(",") if entry.strip()])]
-    if TRUSTED_PROXIES.strip().isdigit():
-        hops = int(TRUSTED_PROXIES)
+    trusted = LIMITS.trusted_proxies
+    if trusted.strip().isdigit():
+        hops = int(trusted)
         return chain[hops] if len(chain) > hops else peer
-    proxies = [ipaddress.ip_network(entry.strip(), strict=False) for entry in TRUSTED_PROXIES.split(",")
+    proxies = [ipaddress.ip_network(entry.strip(), strict=False) for entry in trusted.split(",")
                if entry.strip()]
     return next((address for address in chain if not _is_one_of(address, proxies)), chain[-1])
 
@@ -197,10 +266,10 @@ class Guard:
     """ASGI middleware in front of the app's routes: bounds what one request carries and what one client holds.
 
     - An upload needs a Content-Length and may carry at most MAX_FILES_PER_UPLOAD files; what one client has
-      uploaded within KEEP_SECONDS (the time files are kept) may not pass CLIENT_STORAGE, and the app's folder,
-      measured on disk (so a restart forgets nothing), may not pass STORAGE.
+      uploaded within keep_seconds (the time files are kept) may not pass client_storage and the app's folder,
+      measured on disk (so a restart forgets nothing), may not pass storage (all in LIMITS).
     - Any other request may carry at most MAX_REQUEST_BYTES.
-    - A client may have at most JOBS_PER_CLIENT jobs waiting or running: `clients_in_line(app)` names the client of
+    - A client may have at most jobs_per_client jobs waiting or running: `clients_in_line(app)` names the client of
       each job in the queue, and joins still on their way in are counted here, so a burst cannot slip past.
     """
 
@@ -209,36 +278,36 @@ class Guard:
         self.folder = Path(folder).resolve()
         self.clients_in_line = clients_in_line
         self.joining: Counter[str] = Counter()  # joins on their way into the queue, by client
-        self.uploads: deque[tuple[float, str, int]] = deque()  # (time, client, bytes) within KEEP_SECONDS
+        self.uploads: deque[tuple[float, str, int]] = deque()  # (time, client, bytes) within keep_seconds
         self.stored: Counter[str] = Counter()  # the bytes of those uploads, by client
         self.disk = (-math.inf, 0)  # (when, bytes): the folder's size on disk when last measured
         self.disk_since = 0  # bytes uploaded since
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            return await self.app(_one_range_at_most(scope), receive, send)
+            return await self.app(one_range_at_most(scope), receive, send)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if scope["path"].endswith("/upload"):
             return await self._upload(scope, receive, send)
-        body = await _body(receive, MAX_REQUEST_BYTES)
+        body = await body_of(receive, MAX_REQUEST_BYTES)
         if body is None:
-            return await _refuse(scope, receive, send, 413, "The request is too large.")
+            return await refuse(scope, receive, send, 413, "The request is too large.")
         try:
             data = json.loads(body)
         except RecursionError:  # the routes would read it the same way, and fail so with a 500
-            return await _refuse(scope, receive, send, 400, "The request's JSON is nested too deeply.")
+            return await refuse(scope, receive, send, 400, "The request's JSON is nested too deeply.")
         except ValueError:  # not JSON: for the route to answer
             data = None
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
-            return await self._join(scope, _replay(body, receive), send, _session(data))
-        await self.app(scope, _replay(body, receive), send)
+            return await self._join(scope, replay(body, receive), send, _session(data))
+        await self.app(scope, replay(body, receive), send)
 
     async def _join(self, scope: dict, receive: Callable, send: Callable, session: str | None) -> None:
         client = client_of(_peer(scope), Headers(scope=scope), session)
         waiting = self.clients_in_line(scope["app"]).count(client) + self.joining[client]
-        if waiting >= JOBS_PER_CLIENT:
-            return await _refuse(scope, receive, send, 429, f"You have {waiting} pictures waiting or being "
+        if waiting >= LIMITS.jobs_per_client:
+            return await refuse(scope, receive, send, 429, f"You have {waiting} pictures waiting or being "
                                  f"made, the most one visitor may have; wait for one to finish.")
         self.joining[client] += 1  # no await since the count: two joins at once cannot both pass
         try:
@@ -253,29 +322,29 @@ class Guard:
         client = client_of(_peer(scope), headers, None)
         length = headers.get("content-length", "")
         if not length.isdigit():
-            await _drain(receive)
-            return await _refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
-        if await self._disk_used() + int(length) > STORAGE:
-            await _drain(receive)
-            return await _refuse(scope, receive, send, 507, "The server's space for uploads is full; try again in "
+            await drain(receive)
+            return await refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
+        if await self._disk_used() + int(length) > LIMITS.storage:
+            await drain(receive)
+            return await refuse(scope, receive, send, 507, "The server's space for uploads is full; try again in "
                                  "a while.")
         self._forget_old_uploads()
         stored = self.stored[client]
-        if stored + int(length) > CLIENT_STORAGE:
-            await _drain(receive)
-            return await _refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
-                                 f"{_about(KEEP_SECONDS)}, the most one visitor may store; try again later.")
-        response = _HeldResponse()
+        if stored + int(length) > LIMITS.client_storage:
+            await drain(receive)
+            return await refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
+                                 f"{_about(LIMITS.keep_seconds)}, the most one visitor may store; try again later.")
+        response = HeldResponse()
         try:
             await self.app(scope, receive, response.send)
         except TypeError:  # gradio's upload route fails so on a form field where a file should be
             if response.messages:
                 raise
-            return await _refuse(scope, receive, send, 400, "Send each file as a file part named 'files'.")
+            return await refuse(scope, receive, send, 400, "Send each file as a file part named 'files'.")
         files = response.files()
         if len(files) > MAX_FILES_PER_UPLOAD:
             self._delete(files)
-            return await _refuse(scope, receive, send, 413, f"Upload at most {MAX_FILES_PER_UPLOAD} files at once.")
+            return await refuse(scope, receive, send, 413, f"Upload at most {MAX_FILES_PER_UPLOAD} files at once.")
         if files:
             charge = max(int(length), len(files) * MIN_FILE_CHARGE)
             self.uploads.append((time.monotonic(), client, charge))
@@ -291,8 +360,8 @@ class Guard:
         return self.disk[1] + self.disk_since
 
     def _forget_old_uploads(self) -> None:
-        """Uploads older than KEEP_SECONDS are deleted from disk by now: they no longer count."""
-        while self.uploads and self.uploads[0][0] < time.monotonic() - KEEP_SECONDS:
+        """Uploads older than keep_seconds are deleted from disk by now: they no longer count."""
+        while self.uploads and self.uploads[0][0] < time.monotonic() - LIMITS.keep_seconds:
             _, client, size = self.uploads.popleft()
             self.stored[client] -= size
             if not self.stored[client]:
@@ -325,87 +394,6 @@ def _session(data: Any) -> str | None:
     return session if isinstance(session, str) else None
 
 
-_ONE_RANGE = re.compile(rb"bytes=\d*-\d*")
-
-
-def _one_range_at_most(scope: dict) -> dict:
-    """The request without a Range header that asks for anything but one range of bytes: gradio's file route
-    reads one range only and fails (500) on several. A server may ignore Range: those get the whole file."""
-    headers = [(key, value) for key, value in scope["headers"]
-               if key.lower() != b"range" or _ONE_RANGE.fullmatch(value.strip())]
-    return scope if len(headers) == len(scope["headers"]) else {**scope, "headers": headers}
-
-
-async def _body(receive: Callable, limit: int) -> bytes | None:
-    """The whole request body, or None when it passes `limit` bytes (the rest is then drained, unkept)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if not message.get("more_body", False):
-            break
-        if size > limit:
-            await _drain(receive)
-            break
-    return b"".join(chunks) if size <= limit else None
-
-
-async def _drain(receive: Callable, limit: int = 64 * 2**20) -> None:
-    """Read and drop what is left of a refused request's body, up to `limit` bytes: a proxy in front (gradio's
-    own Node server) answers 502 instead of the refusal when the server answers before it has sent the body."""
-    read, more = 0, True
-    while more and read <= limit:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        read += len(message.get("body", b""))
-        more = message.get("more_body", False)
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    """A `receive` that hands the app a body already read, then the connection's own messages (a disconnect)."""
-    sent = False
-
-    async def replayed() -> dict:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-    return replayed
-
-
-async def _refuse(scope: dict, receive: Callable, send: Callable, status: int, message: str) -> None:
-    """The page shows `detail` of a refused request; the status says the same to a script."""
-    await JSONResponse({"detail": message, "error": message}, status_code=status)(scope, receive, send)
-
-
-class _HeldResponse:
-    """A response kept back until the upload's files are counted."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict] = []
-
-    async def send(self, message: dict) -> None:
-        self.messages.append(message)
-
-    def files(self) -> list[str]:
-        if not self.messages or self.messages[0].get("status") != 200:
-            return []
-        try:
-            files = json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
-        except ValueError:
-            return []
-        return files if isinstance(files, list) else []
-
-    async def replay(self, send: Callable) -> None:
-        for message in self.messages:
-            await send(message)
-
-
 # --- the disk ------------------------------------------------------------------------------------------------
 
 def sweep(folder: Path, file_age: float, folder_age: float) -> None:
@@ -428,19 +416,20 @@ def sweep(folder: Path, file_age: float, folder_age: float) -> None:
 
 def sweeping(folder: str) -> Callable[[Any], contextlib.AbstractAsyncContextManager]:
     """A lifespan for the app: sweeps `folder` at start-up, which cleans up after an earlier process, then every
-    SWEEP_SECONDS. Gradio's own cleanup (`delete_cache`) deletes the files this process made and forgets them;
-    the sweep comes later (KEEP_SECONDS + SWEEP_SECONDS) for what it never knew, and removes empty folders."""
+    LIMITS.sweep_seconds. Gradio's own cleanup (`delete_cache`) deletes the files this process made and forgets them;
+    the sweep comes later (keep_seconds + sweep_seconds) for what it never knew, and removes empty folders."""
     root = Path(folder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         root.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(sweep, root, KEEP_SECONDS, 0)
+        await asyncio.to_thread(sweep, root, LIMITS.keep_seconds, 0)
 
         async def every_while() -> None:
             while True:
-                await asyncio.sleep(SWEEP_SECONDS)
-                await asyncio.to_thread(sweep, root, KEEP_SECONDS + SWEEP_SECONDS, SWEEP_SECONDS)
+                limits = LIMITS
+                await asyncio.sleep(limits.sweep_seconds)
+                await asyncio.to_thread(sweep, root, limits.keep_seconds + limits.sweep_seconds, limits.sweep_seconds)
 
         task = asyncio.create_task(every_while())
         try:

@@ -3,7 +3,7 @@ yields, the status line and the PNG.
 
 `stylize.ui` turns a page's or an API caller's inputs into a call here and each Frame into a picture and a status
 line; `stylize.guard` says what a job may cost. The pictures are read in bounded processes (stylize.decoding),
-the engine runs in a thread of its own (`in_thread`), one run at a time per worker slot (RUN_SLOTS).
+the engine runs in a thread of its own (`in_thread`), one run at a time per worker slot (`run_slots`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import functools
 import itertools
-import os
 import tempfile
 import threading
 from collections import deque
@@ -29,7 +28,7 @@ from PIL import Image, ImageChops
 from . import guard
 from .device import gpu_names, pick_device
 from .engine import transfer
-from .images import ImageError, image_size, load_image, load_opacity, result_metadata, save_png
+from .images import load_image, load_opacity, result_metadata, save_png
 from .plan import job_work
 from .settings import Settings, SettingsError, brief
 from .timing import StepSpeed, StepTimer
@@ -43,8 +42,6 @@ except ImportError:  # the package is only there on Hugging Face Spaces (and whe
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
 WEIGHTS_TEXT_LENGTH = 200  # characters of style blend weights: room for a weight per style image, several times over
-CONCURRENCY = int(os.environ.get("STYLIZE_CONCURRENCY", "1"))  # runs at once
-RUN_SLOTS = threading.BoundedSemaphore(CONCURRENCY)  # held by a run's thread while its engine runs
 STOP_POLL_SECONDS = 0.1  # how soon a waiting job sees Stop pressed
 
 
@@ -85,21 +82,11 @@ def _job_images(content: str, style: str, extra_styles: list, layers: list[str],
     file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
     image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
     at a time. Each is decoded in a bounded process of its own (stylize.decoding), which `halt` ends."""
-    guard.check_size(settings.size, device_kind() == "gpu")
-    limit = guard.MAX_EXTRA_IMAGES
-    if len(extra_styles) > limit:
-        raise ImageError(f"Use at most {limit} more style images; {len(extra_styles)} were given.")
-    if len(layers) > limit:
-        raise ImageError(f"The painted region may have at most {limit} layers; {len(layers)} were given.")
     files = [(content, "photo"), (style, "style artwork"),
              *[(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles, start=1)],
              *[(path, "painted region") for path in layers]]
-    sizes = [image_size(_uploaded(path, what), what) for path, what in files]
-    pixels = sum(width * height for width, height in sizes)
-    if pixels > guard.MAX_JOB_PIXELS:
-        raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
-                         f"{guard.MAX_JOB_PIXELS / 1e6:.0f}. Use fewer or smaller images.")
-    job_clock().check(sizes[0], settings, PRESET_LABELS[preset])
+    guard.admit(settings, files, len(extra_styles), len(layers), gpu=device_kind() == "gpu", clock=job_clock(),
+                preset=PRESET_LABELS[preset])
     photo = load_image(content, "photo", settings.size, halt)
     style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
     styles = [load_image(path, what, style_side, halt) for path, what in files[1:2 + len(extra_styles)]]
@@ -127,21 +114,23 @@ def numbers(text: str | None) -> tuple[float, ...]:
                             f"got {brief(text)}.") from None
 
 
-def _uploaded(path: str, what: str) -> str:
-    """An uploaded file's path, once it is known to be still there: a page left open past the cleanup sends a path
-    that is gone, and its user is told to upload again rather than that a file with a random name does not exist."""
-    if not Path(path).is_file():
-        raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
-                         "Upload it again.")
-    return path
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}  # by the number of runs that go at once
+_SLOTS_LOCK = threading.Lock()
+
+
+def run_slots(concurrency: int) -> threading.BoundedSemaphore:
+    """The slots of the runs that go at once (guard.LIMITS.concurrency): a run's thread holds one while its engine
+    runs, so that a stopped run's step ends before the next run's begins."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
 
 
 def frames(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings, preset: str,
             halt: threading.Event) -> Iterator[Frame]:
     """One job's blocking work: its images read, then the engine's frames, until `halt` is set. One run at a time
-    per worker (RUN_SLOTS): a stopped run's thread ends its step after its job has ended, before the next run."""
+    per worker (run_slots): a stopped run's thread ends its step after its job has ended, before the next run."""
     photo, styles, region = _job_images(content, style, extra_styles, layers, settings, preset, halt)
-    with RUN_SLOTS:
+    with run_slots(guard.LIMITS.concurrency):
         if halt.is_set():
             return
         with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:

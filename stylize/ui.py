@@ -92,7 +92,7 @@ def build_demo() -> gr.Blocks:
 
     # A size left out means the preset's size, so its default is none.
     with Page(api_help={"/stylize": _api_help()}, api_defaults={"/stylize": {"size": None}}, title=TITLE,
-              delete_cache=(guard.SWEEP_SECONDS, guard.KEEP_SECONDS),
+              delete_cache=(guard.LIMITS.sweep_seconds, guard.LIMITS.keep_seconds),
               analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true") as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION} Add both pictures (or click an example below), then press "
                     "**Stylize**.")
@@ -170,7 +170,7 @@ def build_demo() -> gr.Blocks:
         job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
                                      style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing],
                            [result, status, download], api_name="stylize",
-                           concurrency_limit=jobs.CONCURRENCY,
+                           concurrency_limit=guard.LIMITS.concurrency,
                            concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
@@ -178,7 +178,7 @@ def build_demo() -> gr.Blocks:
         job.failure(_failed, None, [run, stop, status], **private)
         stop.click(_request_stop, None, stop, **private)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
-    return demo.queue(max_size=int(os.environ.get("STYLIZE_QUEUE_SIZE", "32")), api_open=False)
+    return demo.queue(max_size=guard.LIMITS.queue_size, api_open=False)
 
 
 def launch_options() -> dict[str, Any]:

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import artwork, photo
+from helpers import artwork, photo
 
 ROOT = Path(__file__).resolve().parent.parent
 

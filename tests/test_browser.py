@@ -10,14 +10,14 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from helpers import TEST_PRESETS
 from PIL import Image
-from test_ui import TEST_PRESETS, app  # noqa: F401 (the launched app is a fixture)
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.e2e,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium at /usr/bin/chromium")]
 
 

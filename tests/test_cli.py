@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import artwork, photo
+from helpers import artwork, photo
 from PIL import Image, PngImagePlugin
 
 from stylize import Settings, load_image, transfer

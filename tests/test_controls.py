@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import artwork, photo, style_distance
+from helpers import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, transfer

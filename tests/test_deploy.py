@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import artwork, live_app, photo
 from gradio_client import Client, handle_file
+from helpers import artwork, live_app, photo
 from PIL import Image
 
 import stylize.device
@@ -27,6 +27,7 @@ from stylize import Settings, SettingsError
 from stylize.jobs import GpuShare
 from stylize.settings import PRESET_NAMES, PRESETS, knob
 
+pytestmark = pytest.mark.e2e  # live servers: left out with -m "not e2e"
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 64, "steps": 8}, "fine": {"size": 64, "steps": 5000}}
 

@@ -2,12 +2,12 @@
 
 import asyncio
 import functools
-import importlib
 import json
 import os
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +26,7 @@ PHOTO = (4000, 3000)
 
 
 def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(monkeypatch):
-    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 300)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=300))
     clock = JobClock(StepSpeed(fixed=0.01, per_pixel=1e-5))
     fine = Settings(size=2048, steps=400)
     seconds = clock.estimate(PHOTO, fine)
@@ -52,7 +52,7 @@ def test_a_job_costs_its_steps_and_its_pixels():
 
 
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
-    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 1)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=1))
     with pytest.raises(SettingsError, match="Choose a lighter preset"):
         JobClock(StepSpeed(fixed=1.0, per_pixel=0)).check(PHOTO, Settings(size=512, steps=250), "Standard")
 
@@ -69,7 +69,7 @@ def timed(scales: list[tuple[tuple[int, int], int, float]]) -> StepTimer:
 
 def test_a_clock_fed_a_pessimistic_timing_recovers_at_the_first_job(monkeypatch):
     """A start-up timing on a busy machine overestimated jobs 10 to 25 times: a running job corrects it."""
-    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 300)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=300))
     standard = Settings(size=512, steps=250)
     clock = JobClock(StepSpeed(fixed=0, per_pixel=20 * 100 / job_work(PHOTO, standard)))  # 33 min; it takes 100 s
     with pytest.raises(SettingsError):
@@ -90,7 +90,7 @@ def test_the_clock_does_not_learn_from_less_work_than_its_sample():
 
 
 def test_a_server_never_refuses_its_lightest_job(monkeypatch):
-    monkeypatch.setattr(guard_module, "MAX_JOB_SECONDS", 20)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=20))
     clock = JobClock(StepSpeed(fixed=1.0, per_pixel=1.0))  # however slow it thinks it is
     clock.check(PHOTO, Settings(size=64, steps=120), "Fast draft")
 
@@ -127,31 +127,39 @@ def test_the_clock_estimates_a_real_job_from_its_background_timing(caplog):
     ("", None, "", None, guard_module.UNIDENTIFIED),
 ])
 def test_who_a_client_is(monkeypatch, trusted, peer, forwarded, session, client):
-    monkeypatch.setattr(guard_module, "TRUSTED_PROXIES", trusted)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, trusted_proxies=trusted))
     assert client_of(peer, {"x-forwarded-for": forwarded} if forwarded else {}, session) == client
 
 
 def test_forged_forwarded_addresses_make_no_new_visitors(monkeypatch):
     """Only what the configured proxies appended counts: a visitor may write any X-Forwarded-For of their own."""
     for trusted, real in [("", "session s1"), ("1", "151.101.1.69")]:
-        monkeypatch.setattr(guard_module, "TRUSTED_PROXIES", trusted)
+        monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, trusted_proxies=trusted))
         forged = {client_of("127.0.0.1", {"x-forwarded-for": f"{made_up}, 151.101.1.69" if trusted else made_up},
                             "s1") for made_up in ("1.1.1.1", "2.2.2.2", "151.101.9.9", "1.1.1.1, 2.2.2.2")}
         assert forged == {real}
 
 
-def test_a_space_trusts_its_one_proxy_by_default(monkeypatch):
-    monkeypatch.delenv("STYLIZE_TRUSTED_PROXIES", raising=False)
-    try:
-        for space, expected in [("someone/stylize", "1"), (None, "")]:
-            if space:
-                monkeypatch.setenv("SPACE_ID", space)
-            else:
-                monkeypatch.delenv("SPACE_ID", raising=False)
-            assert importlib.reload(guard_module).TRUSTED_PROXIES == expected
-    finally:
-        monkeypatch.undo()
-        importlib.reload(guard_module)  # as the environment has it
+def test_a_space_trusts_its_one_proxy_by_default():
+    assert guard_module.Limits.from_env({"SPACE_ID": "someone/stylize"}).trusted_proxies == "1"
+    assert guard_module.Limits.from_env({}).trusted_proxies == ""
+    assert guard_module.Limits.from_env({"SPACE_ID": "someone/stylize", "STYLIZE_TRUSTED_PROXIES": "10.0.0.0/8"}
+                                        ).trusted_proxies == "10.0.0.0/8"
+
+
+def test_the_limits_are_read_once_from_the_environment_into_one_frozen_object():
+    limits = guard_module.Limits.from_env({
+        "STYLIZE_MAX_JOB_SECONDS": "60", "STYLIZE_JOBS_PER_CLIENT": "3", "STYLIZE_MAX_JOB_MEGAPIXELS": "1.5",
+        "STYLIZE_CLIENT_STORAGE_MB": "2", "STYLIZE_STORAGE_MB": "10", "STYLIZE_KEEP_FILES_SECONDS": "0",
+        "STYLIZE_MAX_SIZE": "6144", "STYLIZE_CONCURRENCY": "4", "STYLIZE_QUEUE_SIZE": "5"})
+    assert limits == guard_module.Limits(max_job_seconds=60, jobs_per_client=3, max_job_pixels=1_500_000,
+                                         client_storage=2 * 2**20, storage=10 * 2**20, keep_seconds=1,
+                                         max_size=6144, concurrency=4, queue_size=5)
+    assert guard_module.Limits.from_env({}) == guard_module.Limits()
+    assert limits.sweep_seconds == 1 and guard_module.Limits().sweep_seconds == 600
+    assert guard_module.max_size(gpu=True) == (guard_module.LIMITS.max_size or 4096)
+    with pytest.raises(AttributeError):
+        limits.max_job_seconds = 1
 
 
 def aged(path, seconds: float) -> None:
@@ -178,7 +186,7 @@ def test_the_sweep_deletes_old_files_and_empty_folders_and_keeps_the_rest(tmp_pa
 
 
 def test_start_up_sweeps_what_an_earlier_process_left(tmp_path, monkeypatch):
-    monkeypatch.setattr(guard_module, "KEEP_SECONDS", 60)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, keep_seconds=60))
     (tmp_path / "left" / "over").mkdir(parents=True)
     (tmp_path / "left" / "upload.png").write_bytes(b"x" * 1000)
     aged(tmp_path / "left" / "upload.png", 3600)
@@ -193,8 +201,9 @@ def test_start_up_sweeps_what_an_earlier_process_left(tmp_path, monkeypatch):
 
 def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_path, monkeypatch):
     """Joins arriving together all find the queue without the client's jobs: the ones still on their way in count."""
-    monkeypatch.setattr(guard_module, "JOBS_PER_CLIENT", 2)
-    monkeypatch.setattr(guard_module, "TRUSTED_PROXIES", "127.0.0.1")  # a proxy that tells visitors apart
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, jobs_per_client=2))
+    # a proxy that tells visitors apart
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, trusted_proxies="127.0.0.1"))
     registered = asyncio.Event()  # gradio puts a job in line a while after its join arrives
 
     async def queue(scope, receive, send):
@@ -326,7 +335,7 @@ def upload(tmp_path, middleware: Guard, size: int) -> int:
 
 
 def test_the_disk_allowance_counts_what_is_on_disk_so_a_restart_forgets_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(guard_module, "STORAGE", 10_000_000)
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, storage=10_000_000))
     monkeypatch.setattr(guard_module, "MIN_FILE_CHARGE", 0)
     (tmp_path / "earlier").mkdir()
     (tmp_path / "earlier" / "upload.png").write_bytes(b"x" * 6_000_000)  # kept from before a restart

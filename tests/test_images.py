@@ -1,7 +1,5 @@
 """Untrusted image files: refused with a clear message, or decoded the right way up in 8-bit RGB."""
 
-import io
-import struct
 import threading
 import time
 import zlib
@@ -9,26 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chunk, encoded, png_bomb, progressive
 from PIL import Image
 
 from stylize import ImageError, decoding, load_image
 from stylize import images as images_module
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid PNG header claiming a huge greyscale image, with a few KB of compressed zeros."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\0" * (width + 1) * 64, 9)  # only the first rows: decoding would need 400 MB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def write(tmp_path, name: str, data: bytes):
@@ -130,10 +113,6 @@ def test_a_format_this_app_does_not_take_is_named_without_a_wrong_article(tmp_pa
         assert f"in {fmt} format" in str(error.value) and f" a {fmt}" not in str(error.value)
 
 
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 @pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
 @pytest.mark.parametrize(("kind", "prefix"), [(b"zTXt", b"Comment\0\0"), (b"iTXt", b"Comment\0\1\0\0\0"),
                                               (b"iCCP", b"profile\0\0")])
@@ -144,15 +123,6 @@ def test_a_metadata_bomb_is_refused_as_metadata_too_large(kind, prefix, where):
     at = 33 if where == "before the pixels" else png.index(b"IEND") - 4  # after IHDR, or before IEND
     with pytest.raises(ImageError, match="metadata .* is too large"):
         load_image(png[:at] + bomb + png[at:])
-
-
-def progressive(size: tuple[int, int], repeats: int = 0) -> bytes:
-    """A progressive JPEG of a flat colour whose last scan is repeated `repeats` more times: each repeat is a
-    few bytes that libjpeg decodes over the whole picture (about 2 ms per scan at 4 megapixels)."""
-    data = encoded(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True)
-    last = data.rindex(b"\xff\xda")
-    scan = data[last:-2]  # the last scan's header and data, up to the end-of-image marker
-    return data[:-2] + scan * repeats + data[-2:]
 
 
 def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import artwork, photo
+from helpers import artwork, photo
 from PIL import Image
 
 from stylize import Settings, transfer

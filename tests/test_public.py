@@ -14,15 +14,37 @@ import threading
 import time
 import uuid
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
-import test_reliability as reliability
-from conftest import artwork, live_app, photo, wait_until
 from gradio_client import Client, handle_file
+from helpers import (
+    ROOT,
+    SECRET,
+    SMALL,
+    artwork,
+    assert_clean,
+    browser_run,
+    chunk,
+    encoded,
+    endpoint,
+    file_of,
+    get,
+    join,
+    live_app,
+    messages,
+    normal_job,
+    photo,
+    png_bomb,
+    progressive,
+    refused,
+    rss,
+    upload,
+    wait_until,
+)
 from PIL import Image
-from test_images import chunk, encoded, png_bomb, progressive
 
 import stylize.jobs
 import stylize.ui
@@ -30,36 +52,14 @@ from stylize import Settings, guard
 from stylize.plan import job_work
 from stylize.timing import StepSpeed
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    with live_app(reliability.SMALL, tmp_path_factory.mktemp("examples"), max_job_seconds=guard.MAX_JOB_SECONDS,
-                  HF_TOKEN=reliability.SECRET) as demo:
+    with live_app(SMALL, tmp_path_factory.mktemp("examples"), max_job_seconds=guard.LIMITS.max_job_seconds,
+                  HF_TOKEN=SECRET) as demo:
         yield demo
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return Client(app.local_url, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("attacks")
-
-
-@pytest.fixture(scope="module")
-def good(folder):
-    photo(128, 96).save(folder / "photo.png")
-    artwork().save(folder / "art.png")
-    return str(folder / "photo.png"), str(folder / "art.png")
-
-
-def file_of(folder: Path, name: str, data: bytes) -> str:
-    (folder / name).write_bytes(data)
-    return str(folder / name)
 
 
 def cache() -> Path:
@@ -94,14 +94,14 @@ FILES = [
 @pytest.mark.parametrize(("name", "make", "field", "message"), FILES, ids=[case[0] for case in FILES])
 def test_files_that_would_stall_or_fool_the_decoder_are_refused(client, good, folder, engine_runs, name, make, field,
                                                                  message):
-    reliability.refused(client, good, message, **{field: handle_file(file_of(folder, name, make()))})
+    refused(client, good, message, **{field: handle_file(file_of(folder, name, make()))})
     assert len(engine_runs) == 1  # the normal job after it; the refused one never started
 
 
 def test_a_scan_bomb_as_a_painted_layer_is_refused_too(client, good, folder):
     bomb = file_of(folder, "layer.jpg", progressive((2000, 2000), repeats=5000))
     editor = {"background": handle_file(good[0]), "layers": [handle_file(bomb)], "composite": None}
-    reliability.refused(client, good, "scans", mask=editor)
+    refused(client, good, "scans", mask=editor)
 
 
 # --- one job's size: time, images, pixels ---------------------------------------------------------------------
@@ -109,12 +109,12 @@ def test_a_scan_bomb_as_a_painted_layer_is_refused_too(client, good, folder):
 def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, good, engine_runs, monkeypatch):
     with Image.open(good[0]) as image:
         size = image.size
-    draft = reliability.SMALL["draft"]["steps"]
+    draft = SMALL["draft"]["steps"]
     # This server's speed as if a 512 px draft took just under the limit.
-    per_pixel = guard.MAX_JOB_SECONDS / job_work(size, Settings(size=512, steps=draft)) * 0.999
+    per_pixel = guard.LIMITS.max_job_seconds / job_work(size, Settings(size=512, steps=draft)) * 0.999
     monkeypatch.setattr(stylize.jobs.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
     monkeypatch.setattr(stylize.jobs.job_clock(), "least_work", 0)  # these tiny presets are lighter than its sample
-    text = reliability.refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
+    text = refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
                                size=1024)
     assert "the limit is 5 min. Choose 512 px or less." in text
     assert len(engine_runs) == 1  # only the normal job after it ran
@@ -122,16 +122,16 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, 
 
 def test_too_many_extra_style_images_or_painted_layers_are_refused_unread(client, good, folder):
     tiny = handle_file(file_of(folder, "tiny.png", encoded(artwork(32, 32), "PNG")))
-    reliability.refused(client, good, "Use at most 8 more style images; 9 were given.",
+    refused(client, good, "Use at most 8 more style images; 9 were given.",
                         extra_styles=[{"image": tiny}] * 9)
-    reliability.refused(client, good, "The painted region may have at most 8 layers; 9 were given.",
+    refused(client, good, "The painted region may have at most 8 layers; 9 were given.",
             mask={"background": handle_file(good[0]), "layers": [tiny] * 9, "composite": None})
 
 
 def test_images_with_too_many_pixels_together_are_refused_unread(client, good, folder):
     """Four headers of 6000x6000 pixels, each under the limit for one image, in a few KB each."""
     big = handle_file(file_of(folder, "big.png", png_bomb(6000, 6000)))
-    reliability.refused(client, good, "These images have 144 megapixels together; one picture may use at most 120.",
+    refused(client, good, "These images have 144 megapixels together; one picture may use at most 120.",
             content=big, style=big, extra_styles=[{"image": big}] * 2)
 
 
@@ -150,13 +150,13 @@ def test_large_images_are_shrunk_as_they_are_read_and_memory_returns(client, goo
     inputs = {"content": handle_file(flat), "style": handle_file(flat),
               "extra_styles": [{"image": handle_file(flat)}] * 5,
               "mask": {"background": handle_file(flat), "layers": [handle_file(painted)], "composite": None}}
-    reliability.normal_job(client, good)  # warm-up
-    before = reliability.rss()
+    normal_job(client, good)  # warm-up
+    before = rss()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the present
     picture, status, *_ = client.predict(**inputs, preset="draft", api_name="/stylize")
     assert "Done" in status
     peak = vm("VmHWM") - before
-    after = reliability.rss()
+    after = rss()
     with capsys.disabled():
         print(f"\n8 images of 12 megapixels: server memory {before / 2**20:.0f} MB, peak +{peak / 2**20:.0f} MB, "
               f"after {after / 2**20:.0f} MB ({(after - before) / 2**20:+.1f} MB)")
@@ -189,26 +189,27 @@ def gate(monkeypatch):
 
 
 def raw_join(base: str, session: str, client_address: str, content: dict, style: dict) -> httpx.Response:
-    fn_index, data = reliability.endpoint(base)
+    fn_index, data = endpoint(base)
     data[0], data[1], data[2] = content, style, "draft"
     return httpx.post(f"{base}gradio_api/queue/join", timeout=60, headers={"x-forwarded-for": client_address},
                       json={"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None})
 
 
 def test_one_client_may_not_fill_the_queue(app, good, gate, monkeypatch):
-    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "127.0.0.1")  # as if a proxy here told visitors apart
+    # as if a proxy here told visitors apart
+    monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, trusted_proxies="127.0.0.1"))
     base, visitor, neighbour = app.local_url, "151.101.1.1", "151.101.2.2"
-    photo_file, art_file = reliability.upload(base, good[0]), reliability.upload(base, good[1])
+    photo_file, art_file = upload(base, good[0]), upload(base, good[1])
     mine = Client(base, verbose=False, headers={"X-Forwarded-For": visitor})
     jobs = [mine.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
-                        api_name="/stylize") for _ in range(guard.JOBS_PER_CLIENT)]
-    wait_until(lambda: stylize.ui._clients_in_line(app.app).count(visitor) == guard.JOBS_PER_CLIENT,
+                        api_name="/stylize") for _ in range(guard.LIMITS.jobs_per_client)]
+    wait_until(lambda: stylize.ui._clients_in_line(app.app).count(visitor) == guard.LIMITS.jobs_per_client,
                what="the visitor's jobs to be in line")
 
     for session in (mine.session_hash, uuid.uuid4().hex):  # the same page, or a new session from the same address
         response = raw_join(base, session, visitor, photo_file, art_file)
         assert response.status_code == 429
-        assert response.json()["detail"] == (f"You have {guard.JOBS_PER_CLIENT} pictures waiting or being made, "
+        assert response.json()["detail"] == (f"You have {guard.LIMITS.jobs_per_client} pictures waiting or being made, "
                                              "the most one visitor may have; wait for one to finish.")
     other = Client(base, verbose=False, headers={"X-Forwarded-For": neighbour})
     theirs = other.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
@@ -221,13 +222,13 @@ def test_one_client_may_not_fill_the_queue(app, good, gate, monkeypatch):
     session = uuid.uuid4().hex
     assert raw_join(base, session, visitor, photo_file, art_file).status_code == 200  # room again
     with httpx.Client(timeout=120) as http:
-        assert any(message["msg"] == "process_completed" for message in reliability.messages(http, base, session))
+        assert any(message["msg"] == "process_completed" for message in messages(http, base, session))
 
 
 def test_no_route_runs_a_job_around_the_queue(app, good, engine_runs):
     base = app.local_url
-    fn_index, data = reliability.endpoint(base)
-    data[0], data[1], data[2] = reliability.upload(base, good[0]), reliability.upload(base, good[1]), "draft"
+    fn_index, data = endpoint(base)
+    data[0], data[1], data[2] = upload(base, good[0]), upload(base, good[1]), "draft"
     for route in ("run/stylize", "api/stylize", f"run/predict?fn_index={fn_index}"):
         response = httpx.post(f"{base}gradio_api/{route}", json={"data": data, "fn_index": fn_index}, timeout=60)
         assert response.status_code in (400, 404, 422), (route, response.status_code)
@@ -244,17 +245,17 @@ def test_no_route_runs_a_job_around_the_queue(app, good, engine_runs):
     ({"content_strength": 1e308}, "content_strength must be between 0 and 10; got 1e+308."),
 ], ids=["weights 300 digits", "weights junk", "size 400 digits", "1e308"])
 def test_long_values_get_their_own_message_cut_short(client, good, inputs, message):
-    text = reliability.refused(client, good, message, **inputs)
+    text = refused(client, good, message, **inputs)
     assert len(text) < 200
 
 
 def test_a_huge_request_is_refused_unread(app, client, good):
-    fn_index, data = reliability.endpoint(app.local_url)
+    fn_index, data = endpoint(app.local_url)
     data[9] = "x" * 40 * 2**20  # 40 MB of style weights
     response = httpx.post(f"{app.local_url}gradio_api/queue/join", timeout=120,
                           json={"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex})
     assert response.status_code == 413 and len(response.content) < 200
-    reliability.normal_job(client, good)
+    normal_job(client, good)
 
 
 # --- uploads and the disk ----------------------------------------------------------------------------------------
@@ -269,13 +270,14 @@ def test_one_upload_may_not_carry_a_thousand_files(app, client, good):
     response = httpx.post(f"{app.local_url}gradio_api/upload", files=files, timeout=120)
     assert response.status_code == 413 and response.json()["detail"] == "Upload at most 8 files at once."
     assert not files_named(marker)  # none kept
-    reliability.normal_job(client, good)
+    normal_job(client, good)
 
 
 def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     noise = encoded(Image.effect_noise((200, 160), 80).convert("RGB"), "PNG")  # about 100 KB
-    monkeypatch.setattr(guard, "CLIENT_STORAGE", int(len(noise) * 2.5))  # room for two
-    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "127.0.0.1")  # as if a proxy here told visitors apart
+    monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, client_storage=int(len(noise) * 2.5)))  # room for two
+    # as if a proxy here told visitors apart
+    monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, trusted_proxies="127.0.0.1"))
 
     def send(address: str) -> httpx.Response:
         return httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("noise.png", noise)}, timeout=60,
@@ -285,10 +287,11 @@ def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     refusal = send("151.101.3.3").json()["detail"]
     assert refusal.startswith("You have uploaded 0.2 MB in the last ") and "the most one visitor may store" in refusal
     assert send("151.101.4.4").status_code == 200  # another visitor's allowance is their own
-    monkeypatch.setattr(guard, "TRUSTED_PROXIES", "")  # the default: nobody's X-Forwarded-For is believed
+    # the default: nobody's X-Forwarded-For is believed
+    monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, trusted_proxies=""))
     assert [send(f"151.101.5.{i}").status_code for i in range(4)] == [200, 200, 429, 429]  # made-up addresses
     monkeypatch.undo()  # this test's uploads from here have used more than that already
-    reliability.normal_job(client, good)
+    normal_job(client, good)
 
 
 def test_an_upload_without_a_file_name_or_length_gets_a_clear_refusal(app, client, good):
@@ -301,7 +304,7 @@ def test_an_upload_without_a_file_name_or_length_gets_a_clear_refusal(app, clien
         chunked = httpx.post(f"{base}gradio_api/upload", content=chunks(), timeout=60,
                              headers={"content-type": "multipart/form-data; boundary=x"})
         assert chunked.status_code == 411
-    reliability.normal_job(client, good)
+    normal_job(client, good)
 
 
 # --- the host's secrets and paths ----------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def test_no_route_acts_with_the_hosts_hugging_face_token(app, monkeypatch):
 
     used = []
     for module, name in ((gradio.workflow, "hf_get_token"), (gradio.oauth, "get_token")):
-        monkeypatch.setattr(module, name, lambda *args, **kwargs: used.append(1) or reliability.SECRET)
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: used.append(1) or SECRET)
     paths = sorted({route.path.replace("{", "").replace("}", "").replace(":path", "")
                     for route in app.app.routes if hasattr(route, "methods")})
     assert not [path for path in paths if "history" in path or path.endswith("/runs")]
@@ -327,25 +330,25 @@ def test_no_route_acts_with_the_hosts_hugging_face_token(app, monkeypatch):
                         body = next(response.iter_bytes(), b"")
                 except httpx.TimeoutException:  # an event stream that waits for events
                     continue
-                assert reliability.SECRET.encode() not in body, path
+                assert SECRET.encode() not in body, path
     assert not used
 
 
 def test_the_config_shows_no_install_path_and_analytics_are_off(app):
     config = httpx.get(f"{app.local_url}config", timeout=30)
-    assert str(reliability.ROOT) not in config.text
+    assert str(ROOT) not in config.text
     assert config.json()["analytics_enabled"] is False
 
 
 def test_a_result_records_the_weights_kind_and_no_server_path(app, good):
-    done = reliability.browser_run(app.local_url, content=reliability.upload(app.local_url, good[0]),
-                                   style=reliability.upload(app.local_url, good[1]))
-    status, result = reliability.get(app.local_url, "/gradio_api/file=" + done["output"]["data"][0]["path"])
+    done = browser_run(app.local_url, content=upload(app.local_url, good[0]),
+                                   style=upload(app.local_url, good[1]))
+    status, result = get(app.local_url, "/gradio_api/file=" + done["output"]["data"][0]["path"])
     assert status == 200
     with Image.open(io.BytesIO(result)) as png:
         assert json.loads(png.text["stylize:settings"])["weights"] == "auto"
         assert png.text["stylize:weights"] == "untrained"
-        reliability.assert_clean(" ".join(png.text.values()))
+        assert_clean(" ".join(png.text.values()))
 
 
 # --- identities nobody can forge ----------------------------------------------------------------------------------
@@ -359,11 +362,11 @@ def test_made_up_forwarded_addresses_do_not_make_new_visitors(app, good, gate):
     """With no proxy trusted (the default), a visitor who writes a new X-Forwarded-For on each join is still one
     visitor: the session's (gradio's Node server relays everyone from 127.0.0.1), not one per made-up address."""
     for base in bases(app):
-        photo_file, art_file = reliability.upload(base, good[0]), reliability.upload(base, good[1])
+        photo_file, art_file = upload(base, good[0]), upload(base, good[1])
         session = uuid.uuid4().hex
         statuses = [raw_join(base, session, f"151.101.7.{i}", photo_file, art_file).status_code
-                    for i in range(guard.JOBS_PER_CLIENT + 2)]
-        assert statuses == [200] * guard.JOBS_PER_CLIENT + [429, 429], base
+                    for i in range(guard.LIMITS.jobs_per_client + 2)]
+        assert statuses == [200] * guard.LIMITS.jobs_per_client + [429, 429], base
     gate.set()
     wait_until(lambda: not stylize.ui._clients_in_line(app.app), timeout=180, what="the jobs to finish")
 
@@ -371,15 +374,15 @@ def test_made_up_forwarded_addresses_do_not_make_new_visitors(app, good, gate):
 # --- requests gradio's routes would answer with a 500 ----------------------------------------------------------
 
 def test_deeply_nested_json_and_many_ranges_get_an_answer_not_a_500(app, good, capfd):
-    upload = reliability.upload(app.local_url, good[0])["path"]
+    uploaded = upload(app.local_url, good[0])["path"]
     for base in bases(app):
         deep = httpx.post(f"{base}gradio_api/queue/join", content=b"[" * 100_000 + b"]" * 100_000, timeout=60,
                           headers={"content-type": "application/json"})
         assert deep.status_code == 400 and deep.json()["detail"] == "The request's JSON is nested too deeply."
         ranges = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 5}" for i in range(150))
-        whole = httpx.get(f"{base}gradio_api/file={upload}", headers={"range": ranges}, timeout=60)
+        whole = httpx.get(f"{base}gradio_api/file={uploaded}", headers={"range": ranges}, timeout=60)
         assert whole.status_code == 200 and whole.content == Path(good[0]).read_bytes()
-        one = httpx.get(f"{base}gradio_api/file={upload}", headers={"range": "bytes=0-9"}, timeout=60)
+        one = httpx.get(f"{base}gradio_api/file={uploaded}", headers={"range": "bytes=0-9"}, timeout=60)
         assert one.status_code == 206 and one.content == Path(good[0]).read_bytes()[:10]
     assert "Traceback" not in capfd.readouterr().err
 
@@ -396,10 +399,10 @@ def test_a_malformed_image_gallery_or_region_gets_a_message(app, good, field, va
     base = app.local_url
     session = uuid.uuid4().hex
     with httpx.Client(timeout=120) as http:
-        inputs = {"content": reliability.upload(base, good[0]), "style": reliability.upload(base, good[1]),
+        inputs = {"content": upload(base, good[0]), "style": upload(base, good[1]),
                   "preset": "draft", field: value}
-        reliability.join(http, base, session, **inputs)
-        done = next(m for m in reliability.messages(http, base, session) if m["msg"] == "process_completed")
+        join(http, base, session, **inputs)
+        done = next(m for m in messages(http, base, session) if m["msg"] == "process_completed")
     assert done["success"] is False and done["output"]["error"].startswith(message)
 
 
@@ -424,7 +427,7 @@ def test_a_file_that_stalls_the_decoder_is_cut_off_and_the_next_job_runs(client,
     import stylize.decoding
     monkeypatch.setattr(stylize.decoding, "DECODE_SECONDS", 1.5)
     stall = file_of(folder, "stall.jpg", progressive((2000, 2000), repeats=5000))  # 10 s of decoding
-    reliability.refused(client, good, "The photo takes too long to decode (over 1.5 s)", content=handle_file(stall))
+    refused(client, good, "The photo takes too long to decode (over 1.5 s)", content=handle_file(stall))
     assert decoders[0].returncode == -9  # killed at its deadline
 
 
@@ -436,7 +439,7 @@ def test_stop_while_a_file_is_decoded_kills_the_decoder_at_once(client, good, fo
     assert job.cancel()
     wait_until(lambda: decoders[0].poll() is not None, timeout=2, what="the decoder to be killed")
     assert time.monotonic() - started < 2 and decoders[0].returncode == -9
-    reliability.normal_job(client, good)
+    normal_job(client, good)
 
 
 def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monkeypatch):
@@ -457,7 +460,8 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
                 steps.close()
         return stream()
     monkeypatch.setattr(stylize.jobs, "transfer", slow)
-    monkeypatch.setattr(guard, "MAX_JOB_SECONDS", math.inf)  # the fine preset's 5000 steps: minutes, here
+    # the fine preset's 5000 steps: minutes, here
+    monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, max_job_seconds=math.inf))
     job = client.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="fine", api_name="/stylize")
     next(iter(job))  # its first picture: the long step has begun
     started = time.monotonic()
@@ -465,6 +469,6 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
     assert time.monotonic() - started < 2
     step.set()
     assert engine_runs[0]["closed"].wait(timeout=30)
-    assert engine_runs[0]["steps"] < reliability.SMALL["fine"]["steps"]
+    assert engine_runs[0]["steps"] < SMALL["fine"]["steps"]
     monkeypatch.undo()
-    reliability.normal_job(client, good)
+    normal_job(client, good)

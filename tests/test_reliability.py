@@ -8,30 +8,43 @@ path or secret, and that the next normal job still succeeds. Every file is made 
 
 from __future__ import annotations
 
-import gc
-import http.client
-import inspect
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import artwork, live_app, photo, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError, Status
+from helpers import (
+    ROOT,
+    SECRET,
+    SMALL,
+    artwork,
+    assert_clean,
+    browser_run,
+    encoded,
+    file_of,
+    get,
+    join,
+    live_app,
+    messages,
+    normal_job,
+    photo,
+    png_bomb,
+    refused,
+    rss,
+    upload,
+    wait_until,
+)
 from PIL import Image
-from test_images import encoded, png_bomb
 
 import stylize.engine
 import stylize.jobs
@@ -39,9 +52,7 @@ import stylize.ui
 from stylize.cli import main as cli_main
 from stylize.vgg import WeightsError
 
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 64, "steps": 4}, "fine": {"size": 64, "steps": 5000}}
-SECRET = "hf_" + uuid.uuid4().hex  # stands for a token in the server's environment
+pytestmark = pytest.mark.e2e  # live servers: left out with -m "not e2e"
 MEMORY_BOUND = 32 * 2**20  # what 20 jobs may add to the server's resident memory
 
 
@@ -53,30 +64,6 @@ def app(tmp_path_factory):
     with live_app(SMALL, tmp_path_factory.mktemp("examples"), concurrency=2, STYLIZE_QUEUE_SIZE="2",
                   HF_TOKEN=SECRET) as demo:
         yield demo
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return Client(app.local_url, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("inputs")
-
-
-@pytest.fixture(scope="module")
-def good(folder):
-    """A normal photo and style artwork, uploaded fresh with each job."""
-    photo(128, 96).save(folder / "photo.png")
-    artwork().save(folder / "art.png")
-    return str(folder / "photo.png"), str(folder / "art.png")
-
-
-def file_of(folder: Path, name: str, data: bytes) -> str:
-    path = folder / name
-    path.write_bytes(data)
-    return str(path)
 
 
 def solid(colour: tuple[int, int, int], size: tuple[int, int] = (96, 72)) -> Image.Image:
@@ -96,84 +83,7 @@ def mean_colour(path: str) -> np.ndarray:
 
 # --- what every answer must satisfy --------------------------------------------------------------
 
-def host_strings() -> list[str]:
-    from gradio.utils import get_upload_folder
-    return [str(ROOT), tempfile.gettempdir() + "/", get_upload_folder(), str(Path.home()) + "/", sys.prefix,
-            "site-packages", "Traceback", SECRET]
-
-
-def assert_clean(message: str) -> None:
-    """A message shown to a user names no host path or secret and carries no traceback."""
-    leaked = [s for s in host_strings() if s in message]
-    assert not leaked, f"{message!r} reveals {leaked}"
-
-
-def normal_job(client: Client, good: tuple[str, str]) -> None:
-    """The next user's ordinary job: it must still work."""
-    picture, status, download = client.predict(content=handle_file(good[0]), style=handle_file(good[1]),
-                                               preset="draft", api_name="/stylize")
-    assert "Done" in status and download == picture
-    with Image.open(picture) as png:
-        assert max(png.size) == SMALL["draft"]["size"]
-
-
-def refused(client: Client, good: tuple[str, str], message: str, **inputs: Any) -> str:
-    """Run /stylize with `inputs` over a normal job's; it must fail with `message`, then a normal job must work."""
-    arguments = {"content": handle_file(good[0]), "style": handle_file(good[1]), "preset": "draft", **inputs}
-    with pytest.raises(AppError) as error:
-        client.predict(**arguments, api_name="/stylize")
-    text = str(error.value)
-    assert message in text
-    assert_clean(text)
-    normal_job(client, good)
-    return text
-
-
 # --- the browser's own protocol, for what gradio_client cannot send -------------------------------
-
-def endpoint(base: str) -> tuple[int, list[Any]]:
-    """The /stylize function's index and its inputs' default values, read from the app's config."""
-    config = httpx.get(f"{base}config", timeout=30).json()
-    dependency = next(d for d in config["dependencies"] if d.get("api_name") == "stylize")
-    values = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
-    return dependency["id"], [values.get(i) for i in dependency["inputs"]]
-
-
-def upload(base: str, path: str) -> dict:
-    with open(path, "rb") as f:
-        response = httpx.post(f"{base}gradio_api/upload", files={"files": (Path(path).name, f)}, timeout=60)
-    response.raise_for_status()
-    return {"path": response.json()[0], "meta": {"_type": "gradio.FileData"}}
-
-
-def join(http: httpx.Client, base: str, session: str, **inputs: Any) -> None:
-    """Put a /stylize job in the queue as the browser does; `inputs` by parameter name, JSON as sent (NaN too)."""
-    fn_index, data = endpoint(base)
-    names = list(inspect.signature(stylize.ui.stylize).parameters)
-    for name, value in inputs.items():
-        data[names.index(name)] = value
-    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None})
-    response = http.post(f"{base}gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
-    response.raise_for_status()
-
-
-def messages(http: httpx.Client, base: str, session: str):
-    with http.stream("GET", f"{base}gradio_api/queue/data", params={"session_hash": session}) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                yield json.loads(line[5:])
-
-
-def browser_run(base: str, **inputs: Any) -> dict:
-    """One job through the queue protocol; returns its last message (success and output)."""
-    session = uuid.uuid4().hex
-    with httpx.Client(timeout=120) as http:
-        join(http, base, session, **inputs)
-        for message in messages(http, base, session):
-            if message["msg"] == "process_completed":
-                return message
-    raise AssertionError("the stream ended without a result")
-
 
 # --- bad files ------------------------------------------------------------------------------------
 
@@ -395,15 +305,6 @@ def test_closing_the_tab_frees_the_worker(app, client, good, engine_runs):
 
 # --- memory ---------------------------------------------------------------------------------------
 
-def rss() -> int:
-    """This process's resident memory: the server runs in it."""
-    gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_twenty_jobs_leave_memory_where_it_started(client, good, capsys):
     normal_job(client, good)  # warm-up: models, caches and thread pools exist from here on
@@ -524,18 +425,6 @@ TRAVERSALS = [
     "/_app/immutable/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
     "/gradio_api/custom_component/x/client/..%2f..%2f..%2f..%2fetc/passwd",
 ]
-
-
-def get(base: str, path: str) -> tuple[int, bytes]:
-    """GET `path` exactly as written: no client-side normalisation of ../ or %2e."""
-    host, port = base.removeprefix("http://").rstrip("/").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def test_the_file_routes_serve_nothing_outside_the_cache_and_assets(app, good, tmp_path):

@@ -1,11 +1,16 @@
 """A value a user sends may be anything, of any length: messages name the setting and echo the value briefly."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from stylize import Settings, SettingsError
 from stylize.settings import ECHO_LENGTH, knob
 
 HIGH = knob("size")["high"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(("value", "shown"), [
@@ -45,3 +50,22 @@ def test_no_help_text_points_to_a_file_a_visitor_cannot_open():
     from stylize.settings import Settings, knob
     for field in fields(Settings):
         assert ".md" not in knob(field.name)["help"], field.name
+
+
+def imported_by(module: str) -> set[str]:
+    """The top-level packages a fresh interpreter holds after importing `module`."""
+    script = f"import sys, {module}; print(' '.join(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            check=True)
+    return set(result.stdout.split())
+
+
+def test_the_settings_import_without_torch():
+    """The command line checks its arguments before torch's seconds of importing (stylize.cli)."""
+    assert "torch" not in imported_by("stylize.settings")
+
+
+@pytest.mark.parametrize("module", ["stylize.jobs", "stylize.guard", "stylize.link_preview", "stylize.ssr",
+                                    "stylize.cli", "stylize"])
+def test_only_the_page_and_its_components_import_gradio(module):
+    assert "gradio" not in imported_by(module)

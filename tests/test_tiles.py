@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import artwork, photo, style_distance
+from helpers import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer

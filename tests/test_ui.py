@@ -14,10 +14,10 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
-from conftest import live_app, wait_until
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
+from helpers import TEST_PRESETS, live_app, wait_until
 from PIL import Image
 
 import stylize.engine
@@ -31,20 +31,7 @@ from stylize.settings import knob
 from stylize.timing import StepTimer, TimeLeft
 from stylize.ui import SSR_NODE_MAJOR, launch_options, ssr_available
 
-# Small presets so a run takes seconds: "fine" runs until it is stopped.
-TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
-                "fine": {"size": 128, "steps": 5000}}
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    with live_app(TEST_PRESETS, tmp_path_factory.mktemp("examples")) as demo:
-        yield demo
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return Client(app.local_url, verbose=False)
+pytestmark = pytest.mark.e2e  # live servers: left out with -m "not e2e"
 
 
 @pytest.fixture(scope="module")
