@@ -80,6 +80,7 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
             patch.setenv(name, value)
         demo = build_demo()
         demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
+        assert ui.job_clock().timed.wait(timeout=300)  # its sample transfer is not one of the tests' runs
         try:
             yield demo
         finally:
