@@ -7,7 +7,7 @@ import json
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .decoding import ImageError  # Pillow and numpy only: no torch before the arguments hold
 from .settings import INITS, PRESET_NAMES, PRESETS, InputError, Settings, SettingsError, brief, format_number, knob
@@ -150,12 +150,13 @@ def _recorded_run(path: str) -> dict:
 
 
 def _hint(recorded: dict, *names: str) -> str:
-    """" (the run used ...)": the files a PNG names, cut short, for a message."""
+    """" (the run used ...)": the names of the files a PNG names (their folders are another machine's, or long),
+    cut short, for a message."""
     named: list = []
     for name in names:
         value = recorded.get(name)
         named += value if isinstance(value, list) else [value]
-    named = [brief(item) for item in named if item]
+    named = [brief(PurePath(item).name if isinstance(item, str) else item) for item in named if item]
     return f" (the run used {', '.join(named[:4])})" if named else ""
 
 

@@ -60,6 +60,10 @@ CSS = """
 #result .image-frame, #result img { width: 100%; }
 #result img { height: auto; max-height: 75vh; object-fit: contain; }
 #history .grid-wrap { padding-top: 2.25rem; }  /* the label floats over the thumbnails' first row */
+/* An empty gallery's invitation is gradio's "Drop Media Here" (an i18n text that launch(i18n=) cannot replace). */
+#extra-styles [data-testid="upload-text"] { font-size: 0; }
+#extra-styles [data-testid="upload-text"]::after { content: "Drop style images here, or click to choose them";
+                                                   font-size: var(--text-lg); }
 """
 # The status line is plain text (what an API caller gets); the page draws a progress bar from its "step N of M".
 STATUS_TEMPLATE = ("${/step \\d+ of \\d+/.test(value) ? `<progress value=\"${value.match(/step (\\d+) of/)[1]}\" "
@@ -134,7 +138,8 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     extra_styles = gr.Gallery(label="More style images, blended with the style artwork",
-                                              type="filepath", interactive=True, file_types=["image"], columns=4)
+                                              type="filepath", interactive=True, file_types=["image"], columns=4,
+                                              elem_id="extra-styles")
                     style_weights = gr.Textbox("", label=knob("style_weights")["label"], placeholder="e.g. 1, 0.5",
                                                max_length=WEIGHTS_TEXT_LENGTH,
                                                info=knob("style_weights")["help"] + " The first is the style "
@@ -157,8 +162,9 @@ def build_demo() -> gr.Blocks:
         private = {"queue": False, "api_visibility": "private"}
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
         content.change(lambda photo: photo, content, mask, **private)
-        content.upload(_said_if_no_image("photo"), content, None, **private)
-        style.upload(_said_if_no_image("style artwork"), style, None, **private)
+        # Through the queue: a warning reaches the page only as one of the queue's messages.
+        content.upload(_said_if_no_image("photo"), content, None, api_visibility="private")
+        style.upload(_said_if_no_image("style artwork"), style, None, api_visibility="private")
         download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 

@@ -121,6 +121,9 @@ class VGGFeatures(nn.Module):
                 raise WeightsError(f"The VGG19 weights lack {', '.join(missing[:3])}.")
             net.load_state_dict({k: weights.state_dict[k] for k in wanted})
         net[0].padding_mode = "replicate"  # as the reference does: fewer edge artefacts than zero padding
+        for layer in net:
+            if isinstance(layer, nn.MaxPool2d):
+                layer.ceil_mode = True  # the last rows and columns of a size no multiple of 16 reach every layer
         for i, layer in enumerate(net):
             if isinstance(layer, nn.ReLU) and LAYER_NAMES[i - 1] in layers:
                 layer.inplace = False  # an in-place ReLU would overwrite a requested conv output

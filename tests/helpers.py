@@ -72,6 +72,7 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
     Jobs may take `max_job_seconds` (the tests' "fine" presets run until they are stopped); `concurrency` runs
     go at once (STYLIZE_CONCURRENCY); the other limits come from `env`, as guard.Limits.from_env reads them."""
     from stylize import guard
+    from stylize.jobs import job_clock
     from stylize.settings import PRESETS
     from stylize.ui import build_demo, launch_options
 
@@ -86,6 +87,7 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
                                                concurrency=concurrency))
         demo = build_demo()
         demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
+        assert job_clock().timed.wait(timeout=300)  # its sample transfer is not one of the tests' runs
         try:
             yield demo
         finally:

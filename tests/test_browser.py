@@ -211,6 +211,13 @@ def test_no_label_is_covered(page):
                         page.locator("#history .thumbnail-item").first.bounding_box())
 
 
+def test_the_extra_styles_gallery_asks_for_style_images(page):
+    page.get_by_text("Advanced").click()
+    invitation = page.locator("#extra-styles [data-testid=upload-text]")
+    assert "Drop style images here" in invitation.evaluate("e => getComputedStyle(e, '::after').content")
+    assert invitation.evaluate("e => getComputedStyle(e).fontSize") == "0px"  # gradio's "Drop Media Here" is not shown
+
+
 def test_a_mistake_shows_what_to_do_and_leaves_the_page_usable(page):
     page.locator("#run").click()
     page.get_by_text("Add a photo and a style artwork first").wait_for()

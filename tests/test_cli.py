@@ -224,7 +224,7 @@ def test_from_reads_no_file_the_png_names(inputs, capsys, monkeypatch):
              "mask": str(inputs / "mask.png"), "init": str(inputs / "art2.png")}
     png = crafted(inputs / "names.png", settings=Settings().to_json(), inputs=json.dumps(names))
     assert main(["--from", str(png), "-o", str(inputs / "out.png")]) == 2
-    assert f"the run used '{inputs / 'photo.jpg'}'" in capsys.readouterr().err
+    assert "(the run used 'photo.jpg', 'art.png')" in capsys.readouterr().err
     assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png)]) == 2
     assert "give it with --mask" in capsys.readouterr().err
     assert main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--mask", str(inputs / "mask.png"),

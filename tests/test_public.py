@@ -282,14 +282,14 @@ def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     def send(address: str) -> httpx.Response:
         return httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("noise.png", noise)}, timeout=60,
                           headers={"x-forwarded-for": address})
-    statuses = [send("151.101.3.3").status_code for _ in range(4)]
-    assert statuses == [200, 200, 429, 429]
+    assert [send("151.101.3.3").status_code for _ in range(4)] == [200, 200, 429, 429]
     refusal = send("151.101.3.3").json()["detail"]
     assert refusal.startswith("You have uploaded 0.2 MB in the last ") and "the most one visitor may store" in refusal
     assert send("151.101.4.4").status_code == 200  # another visitor's allowance is their own
     # the default: nobody's X-Forwarded-For is believed
     monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, trusted_proxies=""))
-    assert [send(f"151.101.5.{i}").status_code for i in range(4)] == [200, 200, 429, 429]  # made-up addresses
+    # Made-up addresses share one allowance (which this module's earlier uploads from here may have used up).
+    assert [send(f"151.101.5.{i}").status_code for i in range(4)][2:] == [429, 429]
     monkeypatch.undo()  # this test's uploads from here have used more than that already
     normal_job(client, good)
 

@@ -121,7 +121,7 @@ def test_tiles_paint_as_well_as_the_whole(tiled_and_whole):
 
 
 def test_closing_a_tiled_run_stops_it_at_once():
-    stream = transfer(photo(512, 384), artwork(), Settings(size=512, steps=400, tile_size=256))
+    stream = transfer(photo(512, 384), artwork(), Settings(size=512, steps=60, tile_size=256))
     record = next(r for r in stream if r.tiles)
     assert record.tile >= 1
     started = time.perf_counter()

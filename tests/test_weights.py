@@ -118,3 +118,15 @@ def test_trained_weights_give_no_warning(tmp_path, content_image, style_image):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedWeightsWarning)
         list(transfer(content_image, style_image, Settings(size=64, steps=2, weights=str(path))))
+
+
+def test_the_right_and_bottom_edges_are_pulled_as_hard_as_the_left_and_top():
+    """A picture whose sides are no multiple of 16 lost its last rows and columns at each floored pooling: they
+    got a weaker pull from the deep layers and showed a dotted fringe along the right and bottom edges."""
+    extractor = VGGFeatures(("relu5_1",), resolve_weights("untrained"))
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 37, 53, requires_grad=True)
+    extractor(x)["relu5_1"].square().sum().backward()
+    pull = x.grad.abs().sum(1)[0]
+    assert pull[-2:].mean() >= 0.8 * pull[:2].mean()
+    assert pull[:, -2:].mean() >= 0.8 * pull[:, :2].mean()
