@@ -66,18 +66,25 @@ class BaselineLoss:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         f = features(self.net, image)
-        style = sum(BALANCE.style_layers[name] * style_loss(f[name], self.style_targets[name])
-                    for name in STYLE_LAYERS)
-        return (BALANCE.content * content_loss(f[CONTENT_LAYER[0]], self.content_target) + style
-                + BALANCE.tv * tv_loss(image))
+        style = sum(BALANCE.style_layers[name] * style_loss(f[name], self.style_targets[name]) for name in STYLE_LAYERS)
+        return (
+            BALANCE.content * content_loss(f[CONTENT_LAYER[0]], self.content_target)
+            + style
+            + BALANCE.tv * tv_loss(image)
+        )
 
     @torch.no_grad()
     def value(self, image: torch.Tensor) -> float:
         return self(image.clamp(0, 1)).item()
 
 
-def run_baseline(net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor, steps: int,
-                 on_step: Callable[[float, float, torch.Tensor], None] | None = None) -> torch.Tensor:
+def run_baseline(
+    net: torch.nn.Module,
+    content: torch.Tensor,
+    style: torch.Tensor,
+    steps: int,
+    on_step: Callable[[float, float, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Optimize from the content photo for `steps` loss evaluations; returns the clamped image.
 
     `on_step(seconds, loss, x)` is called after every evaluation, with seconds since the start

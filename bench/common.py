@@ -71,18 +71,21 @@ def cpu_model() -> str:
 def machine_header(device: torch.device) -> str:
     where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_model()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"# {datetime.date.today()}  {platform.node()}  nproc={os.cpu_count()} budget={cpu_budget()}  "
-            f"device={device.type} ({where})  auto precision={pick_precision('auto', device)}  "
-            f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg {load}\n"
-            f"# weights: {WEIGHTS} ({resolve_weights(WEIGHTS).kind})")
+    return (
+        f"# {datetime.date.today()}  {platform.node()}  nproc={os.cpu_count()} budget={cpu_budget()}  "
+        f"device={device.type} ({where})  auto precision={pick_precision('auto', device)}  "
+        f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg {load}\n"
+        f"# weights: {WEIGHTS} ({resolve_weights(WEIGHTS).kind})"
+    )
 
 
 PAIR = {"content": IMAGES / CONTENT, "style": IMAGES / STYLE}  # what load_images() reads: --content, --style
 
 
 class _ChosenImage(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
-                 option: str | None = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: str | None = None
+    ) -> None:
         PAIR[self.dest] = value
         setattr(namespace, self.dest, value)
 
@@ -90,8 +93,9 @@ class _ChosenImage(argparse.Action):
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     """--content and --style: any photo and painting, in place of the classic pair in ../shared/images."""
     for name, default in PAIR.items():
-        parser.add_argument(f"--{name}", type=Path, default=default, action=_ChosenImage,
-                            help=f"the {name} image (default: {default})")
+        parser.add_argument(
+            f"--{name}", type=Path, default=default, action=_ChosenImage, help=f"the {name} image (default: {default})"
+        )
 
 
 def load_images() -> tuple[Image.Image, Image.Image]:
@@ -101,8 +105,10 @@ def load_images() -> tuple[Image.Image, Image.Image]:
 def load_pair(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Content and style as (1, 3, H, W) tensors whose long side is `size`, as the engine sees them."""
     content, style = load_images()
-    return (to_tensor(content, fit(content.size, size)).contiguous().to(device),
-            to_tensor(style, fit(style.size, size)).contiguous().to(device))
+    return (
+        to_tensor(content, fit(content.size, size)).contiguous().to(device),
+        to_tensor(style, fit(style.size, size)).contiguous().to(device),
+    )
 
 
 def engine_settings(device: torch.device, **overrides: object) -> Settings:
@@ -154,11 +160,16 @@ def score(pixels: torch.Tensor, settings: Settings, content: Image.Image, style:
     photo = to_tensor(content, size).to(device)
     painting = to_tensor(style, fit(style.size, round(settings.style_scale * max(size)))).to(device)
     ours, theirs, photos = vgg(pixels.float()), vgg(painting), vgg(photo)
-    style_term = sum(weight * style_loss(ours[name], StyleTarget.of(gaussian(theirs[name])))
-                     for name, weight in style_layer_weights(settings, balance).items())
+    style_term = sum(
+        weight * style_loss(ours[name], StyleTarget.of(gaussian(theirs[name])))
+        for name, weight in style_layer_weights(settings, balance).items()
+    )
     content_term = content_loss(ours[settings.content_layer], photos[settings.content_layer])
-    return (balance.content * settings.content_strength * content_term + settings.style_strength * style_term
-            + balance.tv * settings.smoothing * tv_loss(pixels.float())).item()
+    return (
+        balance.content * settings.content_strength * content_term
+        + settings.style_strength * style_term
+        + balance.tv * settings.smoothing * tv_loss(pixels.float())
+    ).item()
 
 
 @dataclass
@@ -186,8 +197,15 @@ class EngineRun:
         return (t1 - t0) / (s1 - s0)
 
 
-def run_engine(content: Image.Image, style: Image.Image, settings: Settings, device: torch.device, *,
-               consumer: Callable[[Progress], object] | None = None, schedule: Schedule = SCHEDULE) -> EngineRun:
+def run_engine(
+    content: Image.Image,
+    style: Image.Image,
+    settings: Settings,
+    device: torch.device,
+    *,
+    consumer: Callable[[Progress], object] | None = None,
+    schedule: Schedule = SCHEDULE,
+) -> EngineRun:
     """Run a transfer to the end, time-stamping each Progress as the consumer receives it.
 
     Progress pixels are kept (on the device) for later evaluation outside the timed region;
@@ -228,8 +246,10 @@ def warm_up(device: torch.device) -> None:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -242,6 +262,22 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-__all__ = ["STYLE_LAYERS", "WEIGHTS", "EngineRun", "add_image_arguments", "bare_step_seconds", "engine_settings",
-           "engine_vgg", "load_engine_weights", "load_images", "load_pair", "machine_header", "run_engine", "score",
-           "start", "sync", "table", "warm_up"]
+__all__ = [
+    "STYLE_LAYERS",
+    "WEIGHTS",
+    "EngineRun",
+    "add_image_arguments",
+    "bare_step_seconds",
+    "engine_settings",
+    "engine_vgg",
+    "load_engine_weights",
+    "load_images",
+    "load_pair",
+    "machine_header",
+    "run_engine",
+    "score",
+    "start",
+    "sync",
+    "table",
+    "warm_up",
+]

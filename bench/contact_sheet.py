@@ -27,8 +27,11 @@ from stylize.images import fit
 from stylize.settings import knob
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
-SHARED_PAIRS = [("tubingen.jpg", "starry_night.jpg"), ("hoovertowernight.jpg", "shipwreck.jpg"),
-                ("tubingen.jpg", "picasso_selfport1907.jpg")]
+SHARED_PAIRS = [
+    ("tubingen.jpg", "starry_night.jpg"),
+    ("hoovertowernight.jpg", "shipwreck.jpg"),
+    ("tubingen.jpg", "picasso_selfport1907.jpg"),
+]
 LABEL_HEIGHT = 22
 
 
@@ -38,16 +41,20 @@ def example_pairs() -> list[tuple[Path, Path]]:
     return [(ASSETS / photo, ASSETS / art) for photo, art in EXAMPLES]
 
 
-def render(pairs: list[tuple[Path, Path]], style_strengths: list[float], content_strengths: list[float],
-           settings: Settings) -> tuple[Image.Image, str]:
+def render(
+    pairs: list[tuple[Path, Path]], style_strengths: list[float], content_strengths: list[float], settings: Settings
+) -> tuple[Image.Image, str]:
     """The sheet, and the weights kind its pictures were made with. A block per pair: the photo and the style
     on the left, then a row per content strength and a column per style strength."""
     font = ImageFont.load_default(size=14)
     side = settings.size
     loaded = [(load_image(a, "photo"), load_image(b, "style"), f"{a.name} + {b.name}") for a, b in pairs]
     heights = [fit(photo.size, side)[1] + LABEL_HEIGHT for photo, _, _ in loaded]
-    sheet = Image.new("RGB", ((len(style_strengths) + 2) * side,
-                              sum(LABEL_HEIGHT + len(content_strengths) * h for h in heights)), "white")
+    sheet = Image.new(
+        "RGB",
+        ((len(style_strengths) + 2) * side, sum(LABEL_HEIGHT + len(content_strengths) * h for h in heights)),
+        "white",
+    )
     draw = ImageDraw.Draw(sheet)
     kind, top = "?", 0
     for (photo, art, title), height in zip(loaded, heights, strict=True):
@@ -61,8 +68,12 @@ def render(pairs: list[tuple[Path, Path]], style_strengths: list[float], content
                 final = deque(transfer(photo, art, cell_settings), maxlen=1)[0]
                 kind = final.weights
                 sheet.paste(final.image(), (column * side, top))
-                draw.text((column * side + 4, top + height - LABEL_HEIGHT + 3),
-                          f"style {style_strength:g} · content {content_strength:g}", fill="black", font=font)
+                draw.text(
+                    (column * side + 4, top + height - LABEL_HEIGHT + 3),
+                    f"style {style_strength:g} · content {content_strength:g}",
+                    fill="black",
+                    font=font,
+                )
             top += height
     return sheet, kind
 
@@ -78,8 +89,12 @@ def _fitted(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", choices=("examples", "shared"), default="examples",
-                   help="the app's example pairs (assets/) or the classic test images (../shared/images)")
+    p.add_argument(
+        "--pairs",
+        choices=("examples", "shared"),
+        default="examples",
+        help="the app's example pairs (assets/) or the classic test images (../shared/images)",
+    )
     p.add_argument("--style-strengths", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     p.add_argument("--content-strengths", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     p.add_argument("--size", type=int, default=256, help="long side of each picture (default: 256)")
@@ -94,9 +109,11 @@ def main(argv: list[str] | None = None) -> Path:
     sheet, kind = render(pairs, args.style_strengths, args.content_strengths, settings)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.output)
-    print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}: "
-          f"{len(pairs)} pairs, weights {kind}, device {pick_device(args.device).type}, "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}: "
+        f"{len(pairs)} pairs, weights {kind}, device {pick_device(args.device).type}, "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     return args.output
 
 

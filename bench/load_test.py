@@ -92,9 +92,11 @@ def pixels(path: str) -> np.ndarray:
 
 # --- the server, in a child process ---------------------------------------------------------------
 
+
 def serve(size: int, steps: int) -> None:
     sys.path.insert(0, str(ROOT))
     from stylize.settings import PRESETS
+
     for presets in PRESETS.values():
         for name in presets:
             presets[name] = {"size": size, "steps": steps}
@@ -107,15 +109,25 @@ def serve(size: int, steps: int) -> None:
 
 
 def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "cache"), "GRADIO_SSR_MODE": "false",
-           "GRADIO_ANALYTICS_ENABLED": "False", "STYLIZE_CONCURRENCY": str(args.concurrency),
-           "STYLIZE_QUEUE_SIZE": str(args.queue_size), "GRADIO_EXAMPLES_CACHE": str(folder / "examples")}
+    env = {
+        **os.environ,
+        "GRADIO_TEMP_DIR": str(folder / "cache"),
+        "GRADIO_SSR_MODE": "false",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "STYLIZE_CONCURRENCY": str(args.concurrency),
+        "STYLIZE_QUEUE_SIZE": str(args.queue_size),
+        "GRADIO_EXAMPLES_CACHE": str(folder / "examples"),
+    }
     env.setdefault("STYLIZE_WEIGHTS", "untrained")  # no download during a load test
     log = folder / "server.log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, __file__, "--serve", "--size", str(args.size),
-                                  "--steps", str(args.steps)], stdout=out, stderr=subprocess.STDOUT,
-                                 env=env, cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--size", str(args.size), "--steps", str(args.steps)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
     deadline = time.monotonic() + min(120, args.timeout)
     while time.monotonic() < deadline and child.poll() is None:
         for line in log.read_text().splitlines():
@@ -128,6 +140,7 @@ def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Pop
 
 # --- the clients ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     completed: int = 0
@@ -138,9 +151,18 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: Path,
-                references: list[np.ndarray], jobs: int, deadline: float, tally: Tally,
-                start: threading.Barrier) -> None:
+def client_loop(
+    url: str,
+    server_pid: int,
+    index: int,
+    photos: list[Path],
+    art: Path,
+    references: list[np.ndarray],
+    jobs: int,
+    deadline: float,
+    tally: Tally,
+    start: threading.Barrier,
+) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
@@ -152,8 +174,9 @@ def client_loop(url: str, server_pid: int, index: int, photos: list[Path], art: 
                 tally.errors["not started: out of time"] += 1
             continue
         began = time.monotonic()
-        job = client.submit(content=handle_file(str(photos[index])), style=handle_file(str(art)),
-                            preset="draft", api_name="/stylize")
+        job = client.submit(
+            content=handle_file(str(photos[index])), style=handle_file(str(art)), preset="draft", api_name="/stylize"
+        )
         try:
             picture, status, *_ = job.result(timeout=left)
         except Exception as error:  # every failure is counted by its message, none stops the run
@@ -189,7 +212,8 @@ def run(args: argparse.Namespace) -> dict:
             references = []  # each photo's result made alone; the first run also warms the server up
             for photo in photos:
                 picture, status, *_ = Client(url, verbose=False).predict(
-                    content=handle_file(str(photo)), style=handle_file(str(art)), preset="draft", api_name="/stylize")
+                    content=handle_file(str(photo)), style=handle_file(str(art)), preset="draft", api_name="/stylize"
+                )
                 assert "Done" in status, status
                 references.append(pixels(picture))
             before, disk_before = rss_bytes(server.pid), folder_bytes(folder / "cache")
@@ -197,9 +221,14 @@ def run(args: argparse.Namespace) -> dict:
 
             tally = Tally()
             start = threading.Barrier(args.clients)
-            threads = [threading.Thread(target=client_loop, daemon=True, args=(
-                url, server.pid, i, photos, art, references, args.jobs, deadline, tally, start))
-                for i in range(args.clients)]
+            threads = [
+                threading.Thread(
+                    target=client_loop,
+                    daemon=True,
+                    args=(url, server.pid, i, photos, art, references, args.jobs, deadline, tally, start),
+                )
+                for i in range(args.clients)
+            ]
             load_started = time.monotonic()
             for thread in threads:
                 thread.start()
@@ -221,29 +250,52 @@ def run(args: argparse.Namespace) -> dict:
 
     latencies = sorted(tally.latencies) or [float("nan")]
     result = {
-        "clients": args.clients, "jobs": args.clients * args.jobs, "completed": tally.completed,
-        "errors": sum(tally.errors.values()), "error_messages": dict(tally.errors), "wrong_image": tally.wrong_image,
-        "hung_clients": hung, "server_alive": alive, "wall_s": wall,
-        "latency_median_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
-        "rss_before": before, "rss_after": after, "rss_peak": peak,
-        "cache_before": disk_before, "cache_after": disk_after, "rss_by_job": tally.memory,
-        "threads_before": threads_before, "threads_after": threads_after,
+        "clients": args.clients,
+        "jobs": args.clients * args.jobs,
+        "completed": tally.completed,
+        "errors": sum(tally.errors.values()),
+        "error_messages": dict(tally.errors),
+        "wrong_image": tally.wrong_image,
+        "hung_clients": hung,
+        "server_alive": alive,
+        "wall_s": wall,
+        "latency_median_s": latencies[len(latencies) // 2],
+        "latency_max_s": latencies[-1],
+        "rss_before": before,
+        "rss_after": after,
+        "rss_peak": peak,
+        "cache_before": disk_before,
+        "cache_after": disk_after,
+        "rss_by_job": tally.memory,
+        "threads_before": threads_before,
+        "threads_after": threads_after,
     }
-    print(f"load test: {args.clients} clients x {args.jobs} jobs, {args.size} px, {args.steps} steps, "
-          f"concurrency {args.concurrency}, queue size {args.queue_size}, loopback {url}")
-    print(f"jobs completed: {tally.completed}/{result['jobs']}  errors: {result['errors']}  "
-          f"wrong image: {tally.wrong_image}  hung clients: {hung}  server alive: {alive}")
+    print(
+        f"load test: {args.clients} clients x {args.jobs} jobs, {args.size} px, {args.steps} steps, "
+        f"concurrency {args.concurrency}, queue size {args.queue_size}, loopback {url}"
+    )
+    print(
+        f"jobs completed: {tally.completed}/{result['jobs']}  errors: {result['errors']}  "
+        f"wrong image: {tally.wrong_image}  hung clients: {hung}  server alive: {alive}"
+    )
     for message, count in tally.errors.most_common():
         print(f"  {count} x {message}")
-    print(f"time: {wall:.1f} s for the load, job latency median {result['latency_median_s']:.1f} s, "
-          f"max {result['latency_max_s']:.1f} s")
-    print(f"server memory (VmRSS): before {before / MB:.0f} MB (after the reference jobs), after {after / MB:.0f} MB "
-          f"({(after - before) / MB:+.1f} MB); peak (VmHWM) {peak / MB:.0f} MB; "
-          f"threads {threads_before} -> {threads_after}")
+    print(
+        f"time: {wall:.1f} s for the load, job latency median {result['latency_median_s']:.1f} s, "
+        f"max {result['latency_max_s']:.1f} s"
+    )
+    print(
+        f"server memory (VmRSS): before {before / MB:.0f} MB (after the reference jobs), after {after / MB:.0f} MB "
+        f"({(after - before) / MB:+.1f} MB); peak (VmHWM) {peak / MB:.0f} MB; "
+        f"threads {threads_before} -> {threads_after}"
+    )
     if len(tally.memory) >= 4:  # growth that levels off is allocator pools filling; a leak keeps climbing
         quarters = [tally.memory[round(len(tally.memory) * q) - 1] for q in (0.25, 0.5, 0.75, 1.0)]
-        print("server memory after 1/4, 1/2, 3/4, all of the jobs: "
-              + ", ".join(f"{m / MB:.0f}" for m in quarters) + " MB")
+        print(
+            "server memory after 1/4, 1/2, 3/4, all of the jobs: "
+            + ", ".join(f"{m / MB:.0f}" for m in quarters)
+            + " MB"
+        )
     print(f"server file cache: before {disk_before / MB:.1f} MB, after {disk_after / MB:.1f} MB")
     return result
 

@@ -121,8 +121,7 @@ def main() -> None:
     print(report(device, args.sizes, args.engine_steps, args.baseline_steps, args.budget_gib))
 
 
-def report(device: torch.device, sizes: list[int], engine_steps: int, baseline_steps: int,
-           budget_gib: float) -> str:
+def report(device: torch.device, sizes: list[int], engine_steps: int, baseline_steps: int, budget_gib: float) -> str:
     content, _ = load_images()
     rows, points = [], []
     for size in sizes:
@@ -131,13 +130,34 @@ def report(device: torch.device, sizes: list[int], engine_steps: int, baseline_s
         ours = measure("engine", size, engine_steps, device.type)
         base_300 = base["peak"] + history_bytes(w * h, 300) - history_bytes(w * h, baseline_steps)
         points.append((w * h, ours["peak"]))
-        rows.append([f"{w}x{h}", base["peak"] / GIB, base_300 / GIB, ours["peak"] / GIB, ours["seconds"],
-                     f"{ours['peak'] / base['peak']:.2f}", f"{ours['peak'] / base_300:.2f}"])
+        rows.append(
+            [
+                f"{w}x{h}",
+                base["peak"] / GIB,
+                base_300 / GIB,
+                ours["peak"] / GIB,
+                ours["seconds"],
+                f"{ours['peak'] / base['peak']:.2f}",
+                f"{ours['peak'] / base_300:.2f}",
+            ]
+        )
     how = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM after clear_refs)"
-    out = (f"\nPeak memory, GiB ({how}); engine: {engine_steps} steps; baseline: {baseline_steps} steps measured, "
-           f"300 steps = measured + L-BFGS history (computed)\n"
-           + table(["size", f"baseline {baseline_steps} st", "baseline 300 st", "engine", "engine s",
-                    f"engine / baseline {baseline_steps} st", "engine / baseline 300 st"], rows))
+    out = (
+        f"\nPeak memory, GiB ({how}); engine: {engine_steps} steps; baseline: {baseline_steps} steps measured, "
+        f"300 steps = measured + L-BFGS history (computed)\n"
+        + table(
+            [
+                "size",
+                f"baseline {baseline_steps} st",
+                "baseline 300 st",
+                "engine",
+                "engine s",
+                f"engine / baseline {baseline_steps} st",
+                "engine / baseline 300 st",
+            ],
+            rows,
+        )
+    )
     if device.type == "cpu" and len(points) >= 2:
         out += "\n\n" + largest_fit(points, content.size, budget_gib)
     return out
@@ -153,9 +173,11 @@ def largest_fit(points: list[tuple[int, float]], image_size: tuple[int, int], bu
     pixels = (budget_gib * GIB - fixed) / slope
     aspect = max(image_size) / min(image_size)
     long_side = int(math.sqrt(pixels * aspect))
-    return (f"Engine peak ~ {fixed / GIB:.2f} GiB + {slope:.0f} bytes/pixel; {budget_gib:g} GiB holds "
-            f"{pixels / 1e6:.1f} Mpixel = {long_side} px long side at this photo's {aspect:.2f}:1 aspect "
-            f"({int(math.sqrt(pixels))} px square)")
+    return (
+        f"Engine peak ~ {fixed / GIB:.2f} GiB + {slope:.0f} bytes/pixel; {budget_gib:g} GiB holds "
+        f"{pixels / 1e6:.1f} Mpixel = {long_side} px long side at this photo's {aspect:.2f}:1 aspect "
+        f"({int(math.sqrt(pixels))} px square)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,27 +27,41 @@ def report(device: torch.device, preset: str, rounds: int) -> str:
     preset_settings = Settings.from_preset(preset, kind)
     size, steps = preset_settings.size, preset_settings.steps
     full = fit(content_image.size, size)
-    loss = BaselineLoss(textbook_vgg(device), to_tensor(content_image, full).to(device),
-                        to_tensor(style_image, fit(style_image.size, size)).to(device))
+    loss = BaselineLoss(
+        textbook_vgg(device),
+        to_tensor(content_image, full).to(device),
+        to_tensor(style_image, fit(style_image.size, size)).to(device),
+    )
     seconds: dict[str, float] = {}
     scores: dict[str, float] = {}
     pictures: dict[str, Image.Image] = {}
     for _ in range(rounds):  # interleaved, the fastest kept: a shared machine's noise only ever adds
         for precision in precisions(device):
-            run = run_engine(content_image, style_image,
-                             engine_settings(device, size=size, steps=steps, precision=precision), device)
+            run = run_engine(
+                content_image, style_image, engine_settings(device, size=size, steps=steps, precision=precision), device
+            )
             seconds[precision] = min(seconds.get(precision, float("inf")), run.final)
             scores[precision] = loss.value(run.records[-1].pixels)  # the same in every round: same pixels
             pictures[precision] = run.records[-1].image()
-    rows = [[precision, seconds[precision], f"{seconds[precision] / seconds['fp32']:.2f}", scores[precision],
-             f"{scores[precision] / scores['fp32'] - 1:+.2%}"] for precision in seconds]
+    rows = [
+        [
+            precision,
+            seconds[precision],
+            f"{seconds[precision] / seconds['fp32']:.2f}",
+            scores[precision],
+            f"{scores[precision] / scores['fp32'] - 1:+.2%}",
+        ]
+        for precision in seconds
+    ]
     sheet = OUT / "precision.png"
     OUT.mkdir(exist_ok=True)
     side_by_side(list(pictures.values())).save(sheet)
-    return (f"\n'{preset}' preset on {kind} ({size} px, {steps} steps) per precision; fastest of {rounds} rounds; "
-            f"final picture scored in float32\n"
-            + table(["precision", "s", "time / fp32", "final loss (fp32)", "loss vs fp32"], rows)
-            + f"\nsheet ({', '.join(pictures)}): {sheet}")
+    return (
+        f"\n'{preset}' preset on {kind} ({size} px, {steps} steps) per precision; fastest of {rounds} rounds; "
+        f"final picture scored in float32\n"
+        + table(["precision", "s", "time / fp32", "final loss (fp32)", "loss vs fp32"], rows)
+        + f"\nsheet ({', '.join(pictures)}): {sheet}"
+    )
 
 
 def side_by_side(pictures: list[Image.Image]) -> Image.Image:

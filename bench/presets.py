@@ -39,8 +39,10 @@ from stylize.settings import PRESET_NAMES
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 UNIT_SIZE = 512  # the bare step's size
 # The presets before the schedule was re-measured with trained features: (steps per preset, schedule).
-BEFORE = ({"cpu": {"draft": 120, "standard": 250, "fine": 400}, "gpu": {"draft": 250, "standard": 400, "fine": 600}},
-          Schedule(start_side=128, step_decay=0.9, learning_rate=0.02, average_decay=0.8))
+BEFORE = (
+    {"cpu": {"draft": 120, "standard": 250, "fine": 400}, "gpu": {"draft": 250, "standard": 400, "fine": 600}},
+    Schedule(start_side=128, step_decay=0.9, learning_rate=0.02, average_decay=0.8),
+)
 
 
 def ui_consumer(progress: Progress) -> None:
@@ -72,8 +74,10 @@ def report(device: torch.device, presets: list[str], before: bool = True) -> str
     for name in presets:
         runs = {"now": (Settings.from_preset(name, kind, weights=WEIGHTS, device=device.type), SCHEDULE)}
         if before:
-            runs["before"] = (Settings.from_preset(name, kind, steps=BEFORE[0][kind][name], weights=WEIGHTS,
-                                                   device=device.type), BEFORE[1])
+            runs["before"] = (
+                Settings.from_preset(name, kind, steps=BEFORE[0][kind][name], weights=WEIGHTS, device=device.type),
+                BEFORE[1],
+            )
         pictures, costs, scores = [], {}, {}
         for when, (settings, schedule) in runs.items():
             bare = bare_step_seconds(device, UNIT_SIZE)  # timed next to each run: the machine's speed drifts
@@ -81,29 +85,74 @@ def report(device: torch.device, presets: list[str], before: bool = True) -> str
             final = run.records[-1]
             costs[when], scores[when] = run.final / bare, score(final.pixels, settings, content, style)
             pictures.append(final.image())
-            rows.append([f"{name} ({when})", settings.size, settings.steps, final.scales, len(run.records),
-                         run.first_preview, f"{run.first_preview / bare:.2f}", run.final, bare,
-                         f"{costs[when]:.1f}", scores[when],
-                         f"{scores[when] / scores['now']:.3f}" if when != "now" else "1.000"])
+            rows.append(
+                [
+                    f"{name} ({when})",
+                    settings.size,
+                    settings.steps,
+                    final.scales,
+                    len(run.records),
+                    run.first_preview,
+                    f"{run.first_preview / bare:.2f}",
+                    run.final,
+                    bare,
+                    f"{costs[when]:.1f}",
+                    scores[when],
+                    f"{scores[when] / scores['now']:.3f}" if when != "now" else "1.000",
+                ]
+            )
             if name == "standard" and when == "now":
                 ui = run_engine(content, style, settings, device, consumer=ui_consumer)
                 standard_ui = (run.final, ui)
         if before:
-            rows.append([f"{name}: now / before", "", "", "", "", "", "", "", "",
-                         f"{costs['now'] / costs['before']:.2f}", "", f"{scores['now'] / scores['before']:.3f}"])
+            rows.append(
+                [
+                    f"{name}: now / before",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"{costs['now'] / costs['before']:.2f}",
+                    "",
+                    f"{scores['now'] / scores['before']:.3f}",
+                ]
+            )
             OUT.mkdir(exist_ok=True)
             side_by_side(pictures).save(OUT / f"presets_{name}.png")
-    out = (f"\nPresets on {kind} (weights load, cold: {weights_seconds:.2f} s, not counted below); cost in bare "
-           f"steps = seconds / one bare forward+backward at {UNIT_SIZE} px timed beside the run; objective: the "
-           f"final picture scored in float32\n"
-           + table(["preset", "size", "steps", "scales", "previews", "first preview s", "first / bare step",
-                    "final s", "bare step s", "bare steps", "objective", "objective / now"], rows))
+    out = (
+        f"\nPresets on {kind} (weights load, cold: {weights_seconds:.2f} s, not counted below); cost in bare "
+        f"steps = seconds / one bare forward+backward at {UNIT_SIZE} px timed beside the run; objective: the "
+        f"final picture scored in float32\n"
+        + table(
+            [
+                "preset",
+                "size",
+                "steps",
+                "scales",
+                "previews",
+                "first preview s",
+                "first / bare step",
+                "final s",
+                "bare step s",
+                "bare steps",
+                "objective",
+                "objective / now",
+            ],
+            rows,
+        )
+    )
     if before:
         out += f"\npictures (now, before): {OUT}/presets_<preset>.png"
     if standard_ui is not None:
         plain, ui = standard_ui
-        out += (f"\n\n'standard' with a UI-like consumer (PIL + PNG per preview, {len(ui.records)} previews): "
-                f"final {ui.final:.1f} s vs {plain:.1f} s with a no-op consumer ({ui.final / plain - 1:+.1%})")
+        out += (
+            f"\n\n'standard' with a UI-like consumer (PIL + PNG per preview, {len(ui.records)} previews): "
+            f"final {ui.final:.1f} s vs {plain:.1f} s with a no-op consumer ({ui.final / plain - 1:+.1%})"
+        )
     return out
 
 

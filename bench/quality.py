@@ -64,8 +64,9 @@ def first_at_bar(name: str, points: list[Point], bar: float) -> Result:
     return Result(name, step, hit[0], hit[1], hit[2], hit[3], seconds, loss, cpu)
 
 
-def run_baseline_scored(net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor, steps: int,
-                        loss: BaselineLoss, every: int) -> tuple[Result, list[Point]]:
+def run_baseline_scored(
+    net: torch.nn.Module, content: torch.Tensor, style: torch.Tensor, steps: int, loss: BaselineLoss, every: int
+) -> tuple[Result, list[Point]]:
     """The baseline, every `every`-th iterate kept and, after the run, scored clamped (as a user gets it)."""
     kept: list[tuple[int, float, float, torch.Tensor | None]] = []
     cpu_started = time.process_time()
@@ -82,18 +83,36 @@ def run_baseline_scored(net: torch.nn.Module, content: torch.Tensor, style: torc
     return first_at_bar(f"baseline, {n} steps", points, bar), points
 
 
-def score_engine(name: str, run: EngineRun, settings: Settings, schedule: Schedule, image_size: tuple[int, int],
-                 loss: BaselineLoss, full: tuple[int, int], bar: float) -> tuple[Result, list[Point]]:
+def score_engine(
+    name: str,
+    run: EngineRun,
+    settings: Settings,
+    schedule: Schedule,
+    image_size: tuple[int, int],
+    loss: BaselineLoss,
+    full: tuple[int, int],
+    bar: float,
+) -> tuple[Result, list[Point]]:
     """Score every Progress image of a run made with `schedule` (the scales depend on it)."""
     # In full-size step equivalents: a step at a scale costs that scale's pixels over the full size's.
     work = [pixels / (full[0] * full[1]) for pixels in work_done(plan(image_size, settings, schedule))]
-    points = [(p.step, work[p.step - 1], t, c, loss.value(resize(p.pixels, full)))
-              for p, t, c in zip(run.records, run.times, run.cpu_times, strict=True)]
+    points = [
+        (p.step, work[p.step - 1], t, c, loss.value(resize(p.pixels, full)))
+        for p, t, c in zip(run.records, run.times, run.cpu_times, strict=True)
+    ]
     return first_at_bar(name, points, bar), points
 
 
-def measure(device: torch.device, size: int, baseline_steps: int, variants: list[str], *,
-            reuse: bool = False, curve: bool = False, every: int = 3) -> tuple[list[Result], float]:
+def measure(
+    device: torch.device,
+    size: int,
+    baseline_steps: int,
+    variants: list[str],
+    *,
+    reuse: bool = False,
+    curve: bool = False,
+    every: int = 3,
+) -> tuple[list[Result], float]:
     content_image, style_image = load_images()
     content, style = load_pair(size, device)
     net = textbook_vgg(device)
@@ -115,12 +134,14 @@ def measure(device: torch.device, size: int, baseline_steps: int, variants: list
         overrides, schedule = parse_variant(variant)
         settings = engine_settings(device, **{"size": size, **overrides})
         run = run_engine(content_image, style_image, settings, device, schedule=schedule)
-        result, points = score_engine(f"engine {variant}", run, settings, schedule, content_image.size, loss, full,
-                                      bar)
+        result, points = score_engine(f"engine {variant}", run, settings, schedule, content_image.size, loss, full, bar)
         results.append(result)
-        print(f"{result.name}: {result.steps_to_bar} steps, {result.work_to_bar:.1f} full-size steps, "
-              f"{result.seconds_to_bar:.1f} s to the bar; final {result.final_seconds:.1f} s, "
-              f"loss / bar {result.final_loss / bar:.3f}", flush=True)
+        print(
+            f"{result.name}: {result.steps_to_bar} steps, {result.work_to_bar:.1f} full-size steps, "
+            f"{result.seconds_to_bar:.1f} s to the bar; final {result.final_seconds:.1f} s, "
+            f"loss / bar {result.final_loss / bar:.3f}",
+            flush=True,
+        )
         if curve:
             print_curve(result.name, points, bar)
     return results, bar
@@ -128,9 +149,13 @@ def measure(device: torch.device, size: int, baseline_steps: int, variants: list
 
 def print_curve(name: str, points: list[Point], bar: float) -> None:
     print(f"\n{name}: loss / bar along the run")
-    print(table(["step", "full-size steps", "s", "loss / bar"],
-                [[n, w, t, v / bar] for n, w, t, _, v in points[:: max(1, len(points) // 25)] + points[-1:]]),
-          flush=True)
+    print(
+        table(
+            ["step", "full-size steps", "s", "loss / bar"],
+            [[n, w, t, v / bar] for n, w, t, _, v in points[:: max(1, len(points) // 25)] + points[-1:]],
+        ),
+        flush=True,
+    )
 
 
 def parse_variant(text: str) -> tuple[dict[str, object], Schedule]:
@@ -156,38 +181,76 @@ def report(results: list[Result], bar: float, size: int, baseline_steps: int) ->
     def ratio(a: float, b: float) -> str:
         return "not reached" if math.isnan(b) else f"{a / b:.2f}x"
 
-    rows = [[r.name, r.steps, r.steps_to_bar if r.steps_to_bar >= 0 else "-", r.work_to_bar, r.seconds_to_bar,
-             r.cpu_to_bar, r.final_seconds, r.final_loss / bar, ratio(base.final_seconds, r.seconds_to_bar),
-             ratio(base.final_cpu, r.cpu_to_bar), ratio(base.steps, r.work_to_bar),
-             ratio(base.work_to_bar, r.work_to_bar)] for r in results]
-    return (f"\nTime to the baseline's final loss ({baseline_steps} steps at {size} px, final image clamped; "
-            f"bar = {bar:.5f})\n"
-            f"speed-up = baseline's time to its final image / engine's time to the bar, in wall s, CPU s and "
-            f"full-size step equivalents (work); last column: work against the baseline's earliest kept "
-            f"iterate that already scores at the bar\n"
-            + table(["run", "steps", "steps to bar", "full-size steps to bar", "s to bar", "CPU s to bar",
-                     "s total", "final loss / bar", "speed-up wall", "speed-up CPU", "speed-up work",
-                     "vs earliest (work)"], rows))
+    rows = [
+        [
+            r.name,
+            r.steps,
+            r.steps_to_bar if r.steps_to_bar >= 0 else "-",
+            r.work_to_bar,
+            r.seconds_to_bar,
+            r.cpu_to_bar,
+            r.final_seconds,
+            r.final_loss / bar,
+            ratio(base.final_seconds, r.seconds_to_bar),
+            ratio(base.final_cpu, r.cpu_to_bar),
+            ratio(base.steps, r.work_to_bar),
+            ratio(base.work_to_bar, r.work_to_bar),
+        ]
+        for r in results
+    ]
+    return (
+        f"\nTime to the baseline's final loss ({baseline_steps} steps at {size} px, final image clamped; "
+        f"bar = {bar:.5f})\n"
+        f"speed-up = baseline's time to its final image / engine's time to the bar, in wall s, CPU s and "
+        f"full-size step equivalents (work); last column: work against the baseline's earliest kept "
+        f"iterate that already scores at the bar\n"
+        + table(
+            [
+                "run",
+                "steps",
+                "steps to bar",
+                "full-size steps to bar",
+                "s to bar",
+                "CPU s to bar",
+                "s total",
+                "final loss / bar",
+                "speed-up wall",
+                "speed-up CPU",
+                "speed-up work",
+                "vs earliest (work)",
+            ],
+            rows,
+        )
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--baseline-steps", type=int, default=300)
-    p.add_argument("--engine", nargs="*", default=["default"], metavar="NAME=K:V,...",
-                   help="engine runs: 'default', or NAME=KEY:VALUE,... with Settings fields "
-                        "(adam=optimizer:adam) or Schedule fields (d5=step_decay:0.5)")
+    p.add_argument(
+        "--engine",
+        nargs="*",
+        default=["default"],
+        metavar="NAME=K:V,...",
+        help="engine runs: 'default', or NAME=KEY:VALUE,... with Settings fields "
+        "(adam=optimizer:adam) or Schedule fields (d5=step_decay:0.5)",
+    )
     p.add_argument("--quick", action="store_true", help="256 px, 100 baseline steps")
-    p.add_argument("--reuse", action="store_true",
-                   help="take the baseline's bar and times from bench/out/ if an earlier run saved them "
-                        "(for comparing engine variants; ratios then cross processes)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the baseline's bar and times from bench/out/ if an earlier run saved them "
+        "(for comparing engine variants; ratios then cross processes)",
+    )
     p.add_argument("--every", type=int, default=3, help="score every N-th baseline iterate")
     p.add_argument("--curve", action="store_true", help="print each engine run's loss along the run")
     args, device = start(p)
     if args.quick:
         args.size, args.baseline_steps = 256, 100
-    results, bar = measure(device, args.size, args.baseline_steps, args.engine, reuse=args.reuse,
-                           curve=args.curve, every=args.every)
+    results, bar = measure(
+        device, args.size, args.baseline_steps, args.engine, reuse=args.reuse, curve=args.curve, every=args.every
+    )
     print(report(results, bar, args.size, args.baseline_steps))
 
 

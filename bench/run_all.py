@@ -26,10 +26,18 @@ def main() -> None:
     print("quick" if args.quick else "full", flush=True)
     q = args.quick
     runs = {
-        "steps": lambda: step_time.report(device, [256, 512] if q else [256, 512, 1024], [128, 256] if q else
-                                          [128, 256, 512], 4 if q else 8, 2 if q else 3),
-        "quality": lambda: quality.report(*quality.measure(device, 256 if q else 512, 100 if q else 300,
-                                                           ["default"]), 256 if q else 512, 100 if q else 300),
+        "steps": lambda: step_time.report(
+            device,
+            [256, 512] if q else [256, 512, 1024],
+            [128, 256] if q else [128, 256, 512],
+            4 if q else 8,
+            2 if q else 3,
+        ),
+        "quality": lambda: quality.report(
+            *quality.measure(device, 256 if q else 512, 100 if q else 300, ["default"]),
+            256 if q else 512,
+            100 if q else 300,
+        ),
         "presets": lambda: presets.report(device, ["draft", "standard"] if q else ["draft", "standard", "fine"], 3),
         "memory": lambda: memory.report(device, [256, 512] if q else [512, 1024, 2048], 250, 4, 8.0),
     }

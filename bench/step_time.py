@@ -71,8 +71,13 @@ def baseline_seconds(net: torch.nn.Module, content: torch.Tensor, style: torch.T
 
 def engine_seconds(size: int, steps: int, device: torch.device, precision: str) -> float:
     content, style = load_images()
-    run = run_engine(content, style, engine_settings(device, size=size, steps=steps + 1, precision=precision),
-                     device, schedule=single_scale(size))
+    run = run_engine(
+        content,
+        style,
+        engine_settings(device, size=size, steps=steps + 1, precision=precision),
+        device,
+        schedule=single_scale(size),
+    )
     return run.step_seconds(scale=1)
 
 
@@ -86,14 +91,25 @@ def measure(device: torch.device, sizes: list[int], steps: int, rounds: int) -> 
             samples["baseline"].append(baseline_seconds(net, content, style, steps))
             for precision in precisions(device):
                 samples.setdefault(f"bare {precision}", []).append(
-                    bare_seconds(engine_vgg(device, precision), content, steps))
+                    bare_seconds(engine_vgg(device, precision), content, steps)
+                )
                 samples.setdefault(precision, []).append(engine_seconds(size, steps, device, precision))
         median = {name: statistics.median(values) for name, values in samples.items()}
         h, w = content.shape[-2:]
         for precision in precisions(device):
             bare, ours = median[f"bare {precision}"], median[precision]
-            rows.append([f"{w}x{h}", precision, bare, ours, f"{1 - bare / ours:.1%}", median["baseline"],
-                         f"{ours / median['baseline']:.3f}", f"{ours / median['fp32']:.2f}"])
+            rows.append(
+                [
+                    f"{w}x{h}",
+                    precision,
+                    bare,
+                    ours,
+                    f"{1 - bare / ours:.1%}",
+                    median["baseline"],
+                    f"{ours / median['baseline']:.3f}",
+                    f"{ours / median['fp32']:.2f}",
+                ]
+            )
     return rows
 
 
@@ -119,8 +135,10 @@ def style_loss_rows(device: torch.device, sizes: list[int], steps: int, rounds: 
                 step_times[precision].append(engine_seconds(size, steps, device, precision))
         seconds = statistics.median(loss_times)
         h, w = content.shape[-2:]
-        rows.append([f"{w}x{h}", seconds * 1000] + [f"{seconds / statistics.median(step_times[p]):.1%}"
-                                                    for p in precisions(device)])
+        rows.append(
+            [f"{w}x{h}", seconds * 1000]
+            + [f"{seconds / statistics.median(step_times[p]):.1%}" for p in precisions(device)]
+        )
     return rows
 
 
@@ -146,8 +164,7 @@ def profile(device: torch.device, size: int, steps: int) -> str:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        run_engine(content, style, engine_settings(device, size=size, steps=steps), device,
-                   schedule=single_scale(size))
+        run_engine(content, style, engine_settings(device, size=size, steps=steps), device, schedule=single_scale(size))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=20)
 
@@ -155,8 +172,7 @@ def profile(device: torch.device, size: int, steps: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--loss-sizes", type=int, nargs="+", default=[128, 256, 512],
-                   help="sizes for the style loss's cost")
+    p.add_argument("--loss-sizes", type=int, nargs="+", default=[128, 256, 512], help="sizes for the style loss's cost")
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
@@ -170,17 +186,27 @@ def main() -> None:
 
 
 def report(device: torch.device, sizes: list[int], loss_sizes: list[int], steps: int, rounds: int) -> str:
-    out = (f"\nSeconds per step (median of {rounds} rounds x {steps} steps); outside = 1 - bare / engine step\n"
-           + table(["size", "precision", "bare fwd+bwd s", "engine step s", "outside the network",
-                    "baseline fp32 s", "engine / baseline", "engine / engine fp32"],
-                   measure(device, sizes, steps, rounds)))
-    out += ("\n\nStyle loss (5 layers, forward + backward): ms per step, and share of an engine step\n"
-            + table(["size", "style loss ms", *[f"share of a {p} step" for p in precisions(device)]],
-                    style_loss_rows(device, loss_sizes, steps, rounds)))
+    out = f"\nSeconds per step (median of {rounds} rounds x {steps} steps); outside = 1 - bare / engine step\n" + table(
+        [
+            "size",
+            "precision",
+            "bare fwd+bwd s",
+            "engine step s",
+            "outside the network",
+            "baseline fp32 s",
+            "engine / baseline",
+            "engine / engine fp32",
+        ],
+        measure(device, sizes, steps, rounds),
+    )
+    out += "\n\nStyle loss (5 layers, forward + backward): ms per step, and share of an engine step\n" + table(
+        ["size", "style loss ms", *[f"share of a {p} step" for p in precisions(device)]],
+        style_loss_rows(device, loss_sizes, steps, rounds),
+    )
     if device.type == "cpu":
-        out += (f"\n\nCPU threads: bare forward+backward at {max(sizes)} px (auto precision)\n"
-                + table(["threads", "s", f"speed vs {cpu_budget()} threads"],
-                        thread_rows(device, max(sizes), max(2, steps // 2))))
+        out += f"\n\nCPU threads: bare forward+backward at {max(sizes)} px (auto precision)\n" + table(
+            ["threads", "s", f"speed vs {cpu_budget()} threads"], thread_rows(device, max(sizes), max(2, steps // 2))
+        )
     return out
 
 

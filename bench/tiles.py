@@ -89,15 +89,21 @@ def quality(device: torch.device, size: int, tile: int, steps: int) -> list[list
         settings = engine_settings(device, size=size, steps=steps, tile_size=tile_size)
         final = deque(transfer(content_image, style_image, settings), maxlen=1)[0]
         values[name] = loss.value(final.pixels)
-        rows.append([f"{full[0]}x{full[1]}", name, steps, final.elapsed, values[name],
-                     f"{values[name] / values['whole']:.3f}"])
+        rows.append(
+            [f"{full[0]}x{full[1]}", name, steps, final.elapsed, values[name], f"{values[name] / values['whole']:.3f}"]
+        )
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096],
-                   help="sizes for time and memory (1024 and 2048 also whole); add 8192 where affordable")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096],
+        help="sizes for time and memory (1024 and 2048 also whole); add 8192 where affordable",
+    )
     p.add_argument("--tile", type=int, default=512, help="tile_size for the tiled runs")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--seam-size", type=int, default=2048)
@@ -106,18 +112,39 @@ def main() -> None:
     args, device = start(p)
     if "memory" in args.only:
         runs = [(size, tile) for size in args.sizes for tile in ((0, args.tile) if size <= 2048 else (args.tile,))]
-        print(f"\nTime and peak memory (fresh process each; {args.steps} steps; "
-              f"{'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})\n"
-              + table(["size", "tiles", "peak GiB", "s"], memory_rows(device, runs, args.steps)), flush=True)
+        print(
+            f"\nTime and peak memory (fresh process each; {args.steps} steps; "
+            f"{'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})\n"
+            + table(["size", "tiles", "peak GiB", "s"], memory_rows(device, runs, args.steps)),
+            flush=True,
+        )
     if "seams" in args.only:
         rows, sheet = seams(device, args.seam_size, args.tile, args.steps)
-        print("\nSeams: mean |pixel difference| (0-255) across tile edges and across all other lines\n"
-              + table(["size", "tiles", "passes at the last scale", "across tile edges", "across other lines",
-                       "edges / other"], rows) + f"\nsheet: {sheet}", flush=True)
+        print(
+            "\nSeams: mean |pixel difference| (0-255) across tile edges and across all other lines\n"
+            + table(
+                [
+                    "size",
+                    "tiles",
+                    "passes at the last scale",
+                    "across tile edges",
+                    "across other lines",
+                    "edges / other",
+                ],
+                rows,
+            )
+            + f"\nsheet: {sheet}",
+            flush=True,
+        )
     if "quality" in args.only:
-        print("\nQuality: the whole picture's float32 objective, made whole and in tiles with the same steps\n"
-              + table(["size", "made", "steps", "s", "objective", "/ whole"],
-                      quality(device, args.quality_size, args.tile, args.steps)), flush=True)
+        print(
+            "\nQuality: the whole picture's float32 objective, made whole and in tiles with the same steps\n"
+            + table(
+                ["size", "made", "steps", "s", "objective", "/ whole"],
+                quality(device, args.quality_size, args.tile, args.steps),
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,16 @@ from typing import Any
 
 # Where each public name lives. They are imported at first use, so that what needs no torch (the command line
 # reading its arguments, `stylize.settings`) starts without waiting seconds for it.
-_HOMES = {"Progress": "engine", "transfer": "engine", "ImageError": "images", "load_image": "images",
-          "Settings": "settings", "SettingsError": "settings", "UntrainedWeightsWarning": "vgg",
-          "WeightsError": "vgg"}
+_HOMES = {
+    "Progress": "engine",
+    "transfer": "engine",
+    "ImageError": "images",
+    "load_image": "images",
+    "Settings": "settings",
+    "SettingsError": "settings",
+    "UntrainedWeightsWarning": "vgg",
+    "WeightsError": "vgg",
+}
 __all__ = sorted(_HOMES)
 
 

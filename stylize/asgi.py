@@ -49,6 +49,7 @@ def replay(body: bytes, receive: Callable) -> Callable:
             return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
+
     return replayed
 
 
@@ -86,7 +87,9 @@ _ONE_RANGE = re.compile(rb"bytes=\d*-\d*")
 def one_range_at_most(scope: dict) -> dict:
     """The request without a Range header that asks for anything but one range of bytes: gradio's file route
     reads one range only and fails (500) on several. A server may ignore Range: those get the whole file."""
-    headers = [(key, value) for key, value in scope["headers"]
-               if key.lower() != b"range" or _ONE_RANGE.fullmatch(value.strip())]
+    headers = [
+        (key, value)
+        for key, value in scope["headers"]
+        if key.lower() != b"range" or _ONE_RANGE.fullmatch(value.strip())
+    ]
     return scope if len(headers) == len(scope["headers"]) else {**scope, "headers": headers}
-

@@ -14,10 +14,20 @@ from .settings import INITS, PRESET_NAMES, PRESETS, InputError, Settings, Settin
 
 # CLI flag -> Settings field, for the flags that map one to one.
 FLAGS = {
-    "size": "size", "steps": "steps", "style_strength": "style_strength",
-    "content_strength": "content_strength", "tv": "smoothing", "style_scale": "style_scale",
-    "style_weights": "style_weights", "preserve_colors": "preserve_colors", "optimizer": "optimizer",
-    "seed": "seed", "weights": "weights", "device": "device", "precision": "precision", "tile_size": "tile_size",
+    "size": "size",
+    "steps": "steps",
+    "style_strength": "style_strength",
+    "content_strength": "content_strength",
+    "tv": "smoothing",
+    "style_scale": "style_scale",
+    "style_weights": "style_weights",
+    "preserve_colors": "preserve_colors",
+    "optimizer": "optimizer",
+    "seed": "seed",
+    "weights": "weights",
+    "device": "device",
+    "precision": "precision",
+    "tile_size": "tile_size",
 }
 
 
@@ -27,27 +37,42 @@ def program() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=program(),
-                                description="Repaint a photo in the style of one or more artworks "
-                                            "(neural style transfer on VGG19).")
+    p = argparse.ArgumentParser(
+        prog=program(),
+        description="Repaint a photo in the style of one or more artworks (neural style transfer on VGG19).",
+    )
     p.add_argument("content", nargs="?", help="the photo to repaint")
     p.add_argument("styles", nargs="*", metavar="style", help="one or more style images")
     p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
-    p.add_argument("--from", dest="from_png", metavar="PNG",
-                   help="repeat the run recorded in a PNG this tool or the web app wrote (flags given here "
-                        "override it; for the web app's, give the photo and style images too)")
-    p.add_argument("--preset", choices=PRESET_NAMES,
-                   help="quality preset: sets size and steps for this machine's device")
+    p.add_argument(
+        "--from",
+        dest="from_png",
+        metavar="PNG",
+        help="repeat the run recorded in a PNG this tool or the web app wrote (flags given here "
+        "override it; for the web app's, give the photo and style images too)",
+    )
+    p.add_argument(
+        "--preset", choices=PRESET_NAMES, help="quality preset: sets size and steps for this machine's device"
+    )
     for flag, name in FLAGS.items():
         info = knob(name)
         kind = {int: int, float: float, str: str, tuple: float}[type(info["default"])]
-        p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=info["choices"],
-                       nargs="+" if isinstance(info["default"], tuple) else None,
-                       help=f"{info['help']} ({_range(info)}default: {_show(info['default'])})")
-    p.add_argument("--mask", metavar="PATH",
-                   help="greyscale image over the photo: white = full style, black = keep the photo")
-    p.add_argument("--init", metavar="{content,noise,PATH}", default=None,
-                   help="start from the photo (default), noise, or an image such as a previous result")
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=kind,
+            choices=info["choices"],
+            nargs="+" if isinstance(info["default"], tuple) else None,
+            help=f"{info['help']} ({_range(info)}default: {_show(info['default'])})",
+        )
+    p.add_argument(
+        "--mask", metavar="PATH", help="greyscale image over the photo: white = full style, black = keep the photo"
+    )
+    p.add_argument(
+        "--init",
+        metavar="{content,noise,PATH}",
+        default=None,
+        help="start from the photo (default), noise, or an image such as a previous result",
+    )
     return p
 
 
@@ -69,8 +94,10 @@ def run(args: argparse.Namespace) -> None:
     # Only the files named here are read: a PNG given to --from names files, at most, as a hint.
     content_path, style_paths, mask_path = args.content, args.styles, args.mask
     if recorded and not (content_path and style_paths):
-        raise SettingsError(f"{args.from_png} gives the settings; give the photo and style images too: {program()} "
-                            f"PHOTO STYLE --from {args.from_png}{_hint(recorded, 'content', 'styles')}")
+        raise SettingsError(
+            f"{args.from_png} gives the settings; give the photo and style images too: {program()} "
+            f"PHOTO STYLE --from {args.from_png}{_hint(recorded, 'content', 'styles')}"
+        )
     if not content_path or not style_paths:
         raise SettingsError("Give a content image and at least one style image, or --from a PNG made by this tool.")
     if recorded.get("mask") and not mask_path:
@@ -78,14 +105,16 @@ def run(args: argparse.Namespace) -> None:
     settings = recorded.get("settings", Settings())
     init = args.init or recorded.get("init") or settings.init  # the web app records no init image, only its kind
     if init not in INITS and not args.init:
-        raise SettingsError(f"The recorded run started from an image{_hint(recorded, 'init')}; give it with "
-                            "--init PATH.")
+        raise SettingsError(
+            f"The recorded run started from an image{_hint(recorded, 'init')}; give it with --init PATH."
+        )
     if args.preset:
         from .device import pick_device
 
         device_kind = "cpu" if pick_device(args.device or settings.device).type == "cpu" else "gpu"
-        settings = Settings.from_preset(args.preset, device_kind, **{
-            k: v for k, v in vars(settings).items() if k not in ("size", "steps")})
+        settings = Settings.from_preset(
+            args.preset, device_kind, **{k: v for k, v in vars(settings).items() if k not in ("size", "steps")}
+        )
     overrides = {name: getattr(args, flag) for flag, name in FLAGS.items() if getattr(args, flag) is not None}
     settings = replace(settings, **overrides, init=init if init in INITS else "content")
     if recorded:
@@ -114,14 +143,19 @@ def run(args: argparse.Namespace) -> None:
         for progress in stream:
             bar.update(progress.step - bar.n)
             tile = {"tile": f"{progress.tile}/{progress.tiles}"} if progress.tiles else {}
-            bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", **tile,
-                            loss=f"{progress.losses['total']:.4g}")
-    inputs = {"content": str(content_path), "styles": [str(p) for p in style_paths],
-              "mask": mask_path and str(mask_path), "init": init}
+            bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", **tile, loss=f"{progress.losses['total']:.4g}")
+    inputs = {
+        "content": str(content_path),
+        "styles": [str(p) for p in style_paths],
+        "mask": mask_path and str(mask_path),
+        "init": init,
+    }
     picture = progress.image()
     save_png(picture, output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
-    print(f"wrote {output} ({picture.width}x{picture.height}, {progress.elapsed:.1f} s, weights: {progress.weights}, "
-          f"{progress.device} {progress.precision})")
+    print(
+        f"wrote {output} ({picture.width}x{picture.height}, {progress.elapsed:.1f} s, weights: {progress.weights}, "
+        f"{progress.device} {progress.precision})"
+    )
 
 
 def _recorded_run(path: str) -> dict:
@@ -144,13 +178,15 @@ def _recorded_run(path: str) -> dict:
     except SettingsError as error:
         raise SettingsError(f"{path} records a setting this tool does not take: {error}") from None
     except (ValueError, TypeError, AttributeError, RecursionError):
-        raise ImageError(f"{path} records its run in a form this tool cannot read; --from needs a PNG written by "
-                         "this tool or the web app.") from None
+        raise ImageError(
+            f"{path} records its run in a form this tool cannot read; --from needs a PNG written by "
+            "this tool or the web app."
+        ) from None
     return {**inputs, "settings": settings}
 
 
 def _hint(recorded: dict, *names: str) -> str:
-    """" (the run used ...)": the names of the files a PNG names (their folders are another machine's, or long),
+    """ " (the run used ...)": the names of the files a PNG names (their folders are another machine's, or long),
     cut short, for a message."""
     named: list = []
     for name in names:
@@ -168,9 +204,12 @@ def _say_if_costly(settings: Settings, path: str) -> None:
     fine = PRESETS[device_kind]["fine"]
     times = settings.size**2 * settings.steps / (fine["size"] ** 2 * fine["steps"])
     if times > 1.5:
-        print(f"note: {path} records a {settings.size} px, {settings.steps}-step run, about {times:.0f} times the "
-              f"fine preset's work on this {device_kind.upper()}: it may take a long time. Ctrl+C stops it; "
-              "--size and --steps make it smaller.", file=sys.stderr)
+        print(
+            f"note: {path} records a {settings.size} px, {settings.steps}-step run, about {times:.0f} times the "
+            f"fine preset's work on this {device_kind.upper()}: it may take a long time. Ctrl+C stops it; "
+            "--size and --steps make it smaller.",
+            file=sys.stderr,
+        )
 
 
 def _range(info: dict) -> str:

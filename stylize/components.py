@@ -43,6 +43,7 @@ class RegionEditor(gr.ImageEditor):
 # (gradio's own check would answer an API caller's "huge" or 5000 with a bare "Error" or an unnamed range).
 # tests/test_reliability.py: test_out_of_range_numbers_get_a_message_naming_the_setting.
 
+
 class Slider(gr.Slider):
     is_template = True
 
@@ -65,8 +66,11 @@ class Radio(gr.Radio):
 
 
 # What each of gradio's input models is, to a caller who sent something else in its place.
-INPUT_MODELS = {"ImageData": "The photo or the style artwork", "GalleryData": "The extra style images",
-                "EditorData": "The painted region"}
+INPUT_MODELS = {
+    "ImageData": "The photo or the style artwork",
+    "GalleryData": "The extra style images",
+    "EditorData": "The painted region",
+}
 
 
 class Page(gr.Blocks):
@@ -81,8 +85,13 @@ class Page(gr.Blocks):
       (tests/test_public.py: test_a_malformed_image_gallery_or_region_gets_a_message).
     """
 
-    def __init__(self, *args: Any, api_help: dict[str, dict[str, str]] | None = None,
-                 api_defaults: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        api_help: dict[str, dict[str, str]] | None = None,
+        api_defaults: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.api_help = api_help or {}
         self.api_defaults = api_defaults or {}
         super().__init__(*args, **kwargs)
@@ -103,9 +112,11 @@ class Page(gr.Blocks):
             return await super().preprocess_data(*args, **kwargs)
         except pydantic.ValidationError as error:
             what = INPUT_MODELS.get(error.title, "An input")
-            raise gr.Error(f"{what} sent is not in the form this app takes: send each image as a file "
-                           "(gradio_client's handle_file), a gallery as a list of them, a region as the image "
-                           "editor's value.") from None
+            raise gr.Error(
+                f"{what} sent is not in the form this app takes: send each image as a file "
+                "(gradio_client's handle_file), a gallery as a list of them, a region as the image "
+                "editor's value."
+            ) from None
 
 
 def _mcp_outputs_as_a_list() -> None:

@@ -49,6 +49,7 @@ class ImageError(ValueError):
 
 # --- in the parent -------------------------------------------------------------------------------------------
 
+
 class Decoders:
     """Decoding processes, one started ahead of need: each decodes one file and exits, so nothing one file does
     to a decoder can reach the next."""
@@ -71,18 +72,34 @@ def _start() -> subprocess.Popen:
     # One thread for numpy's maths libraries: their thread pools would take most of the address space allowed.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # -I: the child imports only installed packages, not files from this folder or the working directory.
-    return subprocess.Popen([sys.executable, "-I", str(Path(__file__).resolve())], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-I", str(Path(__file__).resolve())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
-def decode(source: str | os.PathLike | bytes, what: str, max_side: int | None = None,
-           opacity_size: tuple[int, int] | None = None, stop: threading.Event | None = None) -> Image.Image:
+def decode(
+    source: str | os.PathLike | bytes,
+    what: str,
+    max_side: int | None = None,
+    opacity_size: tuple[int, int] | None = None,
+    stop: threading.Event | None = None,
+) -> Image.Image:
     """Decode `source` in a bounded child process: upright 8-bit RGB, shrunk to `max_side` on its long side if
     longer; or, with `opacity_size`, its opacity as greyscale of that size (255 wherever any paint is, else 0).
     Raises ImageError when the file cannot be decoded within the bounds, or when `stop` is set meanwhile."""
-    request = {"what": what, "max_side": max_side, "opacity_size": opacity_size, "seconds": DECODE_SECONDS,
-               "memory": DECODE_MEMORY, "path": None if isinstance(source, bytes) else str(source),
-               "length": len(source) if isinstance(source, bytes) else 0}
+    request = {
+        "what": what,
+        "max_side": max_side,
+        "opacity_size": opacity_size,
+        "seconds": DECODE_SECONDS,
+        "memory": DECODE_MEMORY,
+        "path": None if isinstance(source, bytes) else str(source),
+        "length": len(source) if isinstance(source, bytes) else 0,
+    }
     payload = json.dumps(request).encode() + b"\n" + (source if isinstance(source, bytes) else b"")
     process = DECODERS.take()
     answer: list[bytes] = []
@@ -106,8 +123,10 @@ def decode(source: str | os.PathLike | bytes, what: str, max_side: int | None = 
             if stop is not None and stop.is_set():
                 raise ImageError(f"Stopped while reading the {what}.")
             if time.monotonic() > deadline:
-                raise ImageError(f"The {what} takes too long to decode (over {DECODE_SECONDS:g} s). Save it again "
-                                 "as a standard JPEG or PNG, or try another image.")
+                raise ImageError(
+                    f"The {what} takes too long to decode (over {DECODE_SECONDS:g} s). Save it again "
+                    "as a standard JPEG or PNG, or try another image."
+                )
     finally:
         if process.poll() is None:
             process.kill()
@@ -122,8 +141,10 @@ def _picture(output: bytes, what: str) -> Image.Image:
     try:
         answer = json.loads(header)
     except ValueError:  # killed by its CPU or memory limit before it could answer
-        raise ImageError(f"The {what} needs more time or memory to decode than this server gives one image. "
-                         "Save it again as a standard JPEG or PNG, or try a smaller image.") from None
+        raise ImageError(
+            f"The {what} needs more time or memory to decode than this server gives one image. "
+            "Save it again as a standard JPEG or PNG, or try a smaller image."
+        ) from None
     if "error" in answer:
         raise ImageError(answer["error"])
     mode, size = answer["mode"], tuple(answer["size"])
@@ -133,6 +154,7 @@ def _picture(output: bytes, what: str) -> Image.Image:
 
 
 # --- shared by both ------------------------------------------------------------------------------------------
+
 
 def fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
     """(width, height) with the given long side and the aspect of `size`."""
@@ -148,8 +170,10 @@ def truncated(what: str) -> ImageError:
 def refuse_metadata_bomb(error: Exception, what: str) -> None:
     """PNG text and colour-profile chunks inflate like a zip bomb; Pillow stops them past its MAX_TEXT_* limits."""
     if isinstance(error, ValueError) and "MAX_TEXT" in str(error):
-        raise ImageError(f"The {what}'s metadata (text or colour profile) is too large. Save the image again "
-                         "without metadata, or try another image.") from None
+        raise ImageError(
+            f"The {what}'s metadata (text or colour profile) is too large. Save the image again "
+            "without metadata, or try another image."
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -178,6 +202,7 @@ def shrunk(image: Image.Image, max_side: int | None) -> Image.Image:
 
 # --- in the child --------------------------------------------------------------------------------------------
 
+
 def _decoded(request: dict, data: bytes) -> Image.Image:
     what = request["what"]
     try:
@@ -191,8 +216,9 @@ def _decoded(request: dict, data: bytes) -> Image.Image:
         raise truncated(what) from None
     if request["opacity_size"]:
         alpha = image.convert("RGBA").getchannel("A")
-        return alpha.point(lambda value: 255 if value else 0).resize(tuple(request["opacity_size"]),
-                                                                      Image.Resampling.LANCZOS)
+        return alpha.point(lambda value: 255 if value else 0).resize(
+            tuple(request["opacity_size"]), Image.Resampling.LANCZOS
+        )
     return shrunk(to_rgb(image), request["max_side"])
 
 

@@ -18,8 +18,11 @@ from .settings import SettingsError
 def pick_device(name: str = "auto") -> torch.device:
     if name != "auto":
         device = torch.device(name)
-        available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-                     "mps": torch.backends.mps.is_available()}
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+            "mps": torch.backends.mps.is_available(),
+        }
         if not available[device.type]:
             raise SettingsError(f"Device {name!r} is not available on this machine; use 'auto' or 'cpu'.")
     elif torch.cuda.is_available():
@@ -95,8 +98,10 @@ def free_memory(device: torch.device) -> int | None:
     except (OSError, KeyError, ValueError):
         pass
     # The container's limit: cgroup v2, or v1 (which reports no limit as a number near 2**63).
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             maximum = open(f"/sys/fs/cgroup/{limit_file}").read().strip()
             if maximum != "max" and int(maximum) < 2**60:
@@ -104,4 +109,3 @@ def free_memory(device: torch.device) -> int | None:
         except (OSError, ValueError):
             pass
     return min(limits) if limits else None
-

@@ -90,18 +90,25 @@ def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device,
             return scale
         side = math.isqrt(max(0, free - PICTURE_BYTES_PER_PIXEL * width * height) // per_pixel) // 16 * 16
         if settings.tile_size == 0 or side < MIN_TILE_SIZE:
-            raise SettingsError(f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
-                                f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
-                                f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE
-                                                            else "."))
+            raise SettingsError(
+                f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
+                f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
+                f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE else ".")
+            )
         return replace(scale, tile=side)
 
     return [fitted(scale) for scale in scales]
 
 
-def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], settings: Settings, *,
-             mask: Image.Image | None = None, init_image: Image.Image | None = None,
-             schedule: Schedule = SCHEDULE) -> Iterator[Progress]:
+def transfer(
+    content: Image.Image,
+    style: Image.Image | Sequence[Image.Image],
+    settings: Settings,
+    *,
+    mask: Image.Image | None = None,
+    init_image: Image.Image | None = None,
+    schedule: Schedule = SCHEDULE,
+) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
 
     `mask` (greyscale, over the content) limits the style to its white parts;
@@ -113,8 +120,7 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
     styles = [style] if isinstance(style, Image.Image) else list(style)
     blend = settings.style_weights or (1.0,) * len(styles)
     if not styles or len(blend) != len(styles):
-        raise SettingsError(f"Give one style weight per style image: {len(styles)} image(s), "
-                            f"{len(blend)} weight(s).")
+        raise SettingsError(f"Give one style weight per style image: {len(styles)} image(s), {len(blend)} weight(s).")
     if sum(blend) <= 0:
         raise SettingsError("At least one style weight must be above zero.")
     device = pick_device(settings.device)
@@ -128,9 +134,19 @@ def transfer(content: Image.Image, style: Image.Image | Sequence[Image.Image], s
     return _optimize(content, styles, blend, mask, init_image, settings, schedule, scales, device, weights, precision)
 
 
-def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[float], mask: Image.Image | None,
-              init_image: Image.Image | None, settings: Settings, schedule: Schedule, scales: list[Scale],
-              device: torch.device, weights: Weights, precision: str) -> Iterator[Progress]:
+def _optimize(
+    content: Image.Image,
+    styles: list[Image.Image],
+    blend: Sequence[float],
+    mask: Image.Image | None,
+    init_image: Image.Image | None,
+    settings: Settings,
+    schedule: Schedule,
+    scales: list[Scale],
+    device: torch.device,
+    weights: Weights,
+    precision: str,
+) -> Iterator[Progress]:
     """The work of `transfer`: each scale's steps in turn (`_scale_steps`), from the start image (`_start_image`),
     then the final picture."""
     vgg = feature_extractor(settings.layers, settings.weights, str(device), precision)
@@ -148,8 +164,16 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
     started = time.perf_counter()
 
     def record(**fields: Any) -> Progress:
-        return Progress(total=settings.steps, scales=len(scales), elapsed=time.perf_counter() - started,
-                        weights=weights.kind, device=str(device), precision=precision, note=weights.note, **fields)
+        return Progress(
+            total=settings.steps,
+            scales=len(scales),
+            elapsed=time.perf_counter() - started,
+            weights=weights.kind,
+            device=str(device),
+            precision=precision,
+            note=weights.note,
+            **fields,
+        )
 
     run = _Run(objective, photo, settings, schedule, work_done(scales), _Throttle(), record)
     step = 0
@@ -158,13 +182,23 @@ def _optimize(content: Image.Image, styles: list[Image.Image], blend: Sequence[f
             objective.aim_style(_style_targets(vgg, style_tensors, blend, objective.layer_weights, scale, settings))
             x = yield from run.scale_steps(x, scale, index, step)
             step += scale.steps
-        yield record(step=step, scale=len(scales), size=full, done=1.0, losses=objective.last_losses(), tile=0,
-                     tiles=0, final=True, pixels=photo.shown(x))
+        yield record(
+            step=step,
+            scale=len(scales),
+            size=full,
+            done=1.0,
+            losses=objective.last_losses(),
+            tile=0,
+            tiles=0,
+            final=True,
+            pixels=photo.shown(x),
+        )
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
             raise
-        raise SettingsError(f"Ran out of {device.type.upper()} memory at {scale.size[0]}x{scale.size[1]} pixels; "
-                            "choose a smaller size.") from None
+        raise SettingsError(
+            f"Ran out of {device.type.upper()} memory at {scale.size[0]}x{scale.size[1]} pixels; choose a smaller size."
+        ) from None
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -180,8 +214,14 @@ class _Photo:
     luminance_only: bool
 
     @classmethod
-    def of(cls, content: Image.Image, mask: Image.Image | None, settings: Settings, full: tuple[int, int],
-           device: torch.device) -> _Photo:
+    def of(
+        cls,
+        content: Image.Image,
+        mask: Image.Image | None,
+        settings: Settings,
+        full: tuple[int, int],
+        device: torch.device,
+    ) -> _Photo:
         photo = images.to_tensor(content, full).to(device)
         luminance_only = settings.preserve_colors == "luminance"
         region = None if mask is None else images.to_tensor(mask.convert("L").convert("RGB"), full)[:, :1].to(device)
@@ -198,8 +238,13 @@ class _Photo:
         return image.detach()
 
 
-def _start_image(init_image: Image.Image | None, target: torch.Tensor, settings: Settings, first: tuple[int, int],
-                 device: torch.device) -> torch.Tensor:
+def _start_image(
+    init_image: Image.Image | None,
+    target: torch.Tensor,
+    settings: Settings,
+    first: tuple[int, int],
+    device: torch.device,
+) -> torch.Tensor:
     """The picture the first scale starts from: `init_image` where given, else noise or the photo (`settings.init`)."""
     if init_image is not None:
         x = images.to_tensor(init_image.convert("RGB"), first).to(device)
@@ -236,8 +281,9 @@ class _Run:
     throttle: _Throttle
     record: Callable[..., Progress]
 
-    def scale_steps(self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
-                    ) -> Generator[Progress, None, torch.Tensor]:
+    def scale_steps(
+        self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
+    ) -> Generator[Progress, None, torch.Tensor]:
         """One scale's steps on `x` (the picture so far), whole or tile by tile, yielding previews when due;
         returns the picture at the end of the scale."""
         work, objective = self.work, self.objective
@@ -251,19 +297,26 @@ class _Run:
         for tile_pass in range(scale.passes):
             grid = scale.grid(tile_pass)
             for number, (rows, columns) in enumerate(grid, start=1):
-                objective.aim_content(photo_here[..., rows, columns],
-                                      None if region_here is None else region_here[..., rows, columns])
+                objective.aim_content(
+                    photo_here[..., rows, columns], None if region_here is None else region_here[..., rows, columns]
+                )
                 descent = _Descent(objective, x[..., rows, columns], self.settings, self.schedule)
                 for _ in range(scale.tile_steps(tile_pass)):
                     descent.step()
                     tile_work += descent.x[0, 0].numel()
                     step = steps_before + min(tile_work // cost, scale.steps)
                     if self.throttle.due() and step < self.settings.steps:
-                        yield self.record(step=step, scale=index, size=scale.size,
-                                          done=min(work_before + tile_work, scale_end) / work[-1],
-                                          losses=objective.last_losses(), tile=number if scale.tile else 0,
-                                          tiles=len(grid) if scale.tile else 0, final=False,
-                                          pixels=picture if scale.tile else self.photo.shown(descent.average()))
+                        yield self.record(
+                            step=step,
+                            scale=index,
+                            size=scale.size,
+                            done=min(work_before + tile_work, scale_end) / work[-1],
+                            losses=objective.last_losses(),
+                            tile=number if scale.tile else 0,
+                            tiles=len(grid) if scale.tile else 0,
+                            final=False,
+                            pixels=picture if scale.tile else self.photo.shown(descent.average()),
+                        )
                         self.throttle.shown()
                 if scale.tile:
                     _blend_tile(x, descent.average(), rows, columns, scale.size)
@@ -285,8 +338,9 @@ class _Descent:
         else:
             # No tolerances: the engine counts the steps itself, and small losses (untrained features) have
             # gradients below L-BFGS's default tolerance from the start.
-            self.optimizer = torch.optim.LBFGS([self.x], lr=1, max_iter=1, history_size=50, tolerance_grad=0,
-                                               tolerance_change=0)
+            self.optimizer = torch.optim.LBFGS(
+                [self.x], lr=1, max_iter=1, history_size=50, tolerance_grad=0, tolerance_change=0
+            )
         self.closure = functools.partial(objective.closure, self.x, self.optimizer)
         self.sum = torch.zeros_like(self.x)
         self.weight = 0.0
@@ -302,9 +356,9 @@ class _Descent:
         return self.sum / self.weight
 
 
-def _blend_tile(picture: torch.Tensor, tile: torch.Tensor, rows: slice, columns: slice,
-                size: tuple[int, int]) -> None:
+def _blend_tile(picture: torch.Tensor, tile: torch.Tensor, rows: slice, columns: slice, size: tuple[int, int]) -> None:
     """Write an optimized tile back into the picture, fading in over the overlap where a neighbour lies."""
+
     def ramp(span: slice, length: int) -> torch.Tensor:
         position = torch.arange(span.start, span.stop, device=tile.device, dtype=tile.dtype)
         weight = torch.ones_like(position)
@@ -319,12 +373,25 @@ def _blend_tile(picture: torch.Tensor, tile: torch.Tensor, rows: slice, columns:
     region.mul_(1 - window).add_(tile * window)
 
 
-def _style_targets(vgg: torch.nn.Module, styles: list[torch.Tensor], blend: Sequence[float],
-                   layer_weights: dict[str, float], scale: Scale, settings: Settings) -> dict[str, StyleTarget]:
+def _style_targets(
+    vgg: torch.nn.Module,
+    styles: list[torch.Tensor],
+    blend: Sequence[float],
+    layer_weights: dict[str, float],
+    scale: Scale,
+    settings: Settings,
+) -> dict[str, StyleTarget]:
     """The style images' blended Gaussians at the scale's size, with their square roots: once per scale."""
     side = min(STYLE_MAX_SIDE, round(settings.style_scale * max(scale.size)))
-    parts = [_gaussians(vgg, images.resize(style, images.fit((style.shape[-1], style.shape[-2]), side)),
-                        list(layer_weights), scale.tile) for style in styles]
+    parts = [
+        _gaussians(
+            vgg,
+            images.resize(style, images.fit((style.shape[-1], style.shape[-2]), side)),
+            list(layer_weights),
+            scale.tile,
+        )
+        for style in styles
+    ]
     return {name: StyleTarget.of(mixture([part[name] for part in parts], list(blend))) for name in layer_weights}
 
 
@@ -340,12 +407,23 @@ def _gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str], til
     sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in layers}  # positions, sum of f, sum of f·fᵀ
     for top, left in itertools.product(range(0, height, core), range(0, width, core)):
         y0, x0 = max(0, top - STATISTICS_MARGIN), max(0, left - STATISTICS_MARGIN)
-        features = vgg(image[..., y0:min(height, top + core + STATISTICS_MARGIN),
-                             x0:min(width, left + core + STATISTICS_MARGIN)])
+        features = vgg(
+            image[
+                ..., y0 : min(height, top + core + STATISTICS_MARGIN), x0 : min(width, left + core + STATISTICS_MARGIN)
+            ]
+        )
         for name in layers:
             f = stride(name)
-            kept = features[name][0, :, (top - y0) // f:(min(height, top + core) - y0) // f,
-                                  (left - x0) // f:(min(width, left + core) - x0) // f].flatten(1).double()
+            kept = (
+                features[name][
+                    0,
+                    :,
+                    (top - y0) // f : (min(height, top + core) - y0) // f,
+                    (left - x0) // f : (min(width, left + core) - x0) // f,
+                ]
+                .flatten(1)
+                .double()
+            )
             sums[name][0] += kept.shape[1]
             sums[name][1] += kept.sum(1)
             sums[name][2] += kept @ kept.T
@@ -377,9 +455,14 @@ class _Objective:
         self.photo, self.region = photo, region
         features = self.vgg(photo)
         self.content_target = features[self.settings.content_layer]
-        self.masks = None if region is None else {
-            name: torch.nn.functional.interpolate(region, size=features[name].shape[-2:], mode="area")
-            for name in self.layer_weights}
+        self.masks = (
+            None
+            if region is None
+            else {
+                name: torch.nn.functional.interpolate(region, size=features[name].shape[-2:], mode="area")
+                for name in self.layer_weights
+            }
+        )
         self.unit: torch.Tensor | None = None  # the loss at the first step against these targets
 
     def closure(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -389,13 +472,18 @@ class _Objective:
         s = self.settings
         self.losses = {
             "content": content_loss(features[s.content_layer], self.content_target),
-            "style": sum(weight * style_loss(features[name], self.style_targets[name],
-                                             None if self.masks is None else self.masks[name])
-                         for name, weight in self.layer_weights.items()),
+            "style": sum(
+                weight
+                * style_loss(features[name], self.style_targets[name], None if self.masks is None else self.masks[name])
+                for name, weight in self.layer_weights.items()
+            ),
             "tv": tv_loss(image),
         }
-        total = (self.balance.content * s.content_strength * self.losses["content"]
-                 + s.style_strength * self.losses["style"] + self.balance.tv * s.smoothing * self.losses["tv"])
+        total = (
+            self.balance.content * s.content_strength * self.losses["content"]
+            + s.style_strength * self.losses["style"]
+            + self.balance.tv * s.smoothing * self.losses["tv"]
+        )
         # The optimizer sees the loss in units of its value at the first step: L-BFGS's curvature test and
         # Adam's epsilon are absolute, and the losses of different weights differ in size by orders of magnitude.
         if self.unit is None:
@@ -410,5 +498,3 @@ class _Objective:
     def last_losses(self) -> dict[str, float]:
         """The losses at the last step (of the last tile, at a tiled scale)."""
         return {name: value.item() for name, value in self.losses.items()}
-
-

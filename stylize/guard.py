@@ -55,16 +55,19 @@ class Limits:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
         def number(name: str, default: float) -> float:
             return float(env.get(name, default))
-        return cls(max_job_seconds=number("STYLIZE_MAX_JOB_SECONDS", 300),
-                   jobs_per_client=int(env.get("STYLIZE_JOBS_PER_CLIENT", "2")),
-                   max_job_pixels=int(number("STYLIZE_MAX_JOB_MEGAPIXELS", 120) * 1_000_000),
-                   client_storage=int(number("STYLIZE_CLIENT_STORAGE_MB", 500) * 2**20),
-                   storage=int(number("STYLIZE_STORAGE_MB", 5000) * 2**20),
-                   keep_seconds=max(1, int(number("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))),
-                   trusted_proxies=env.get("STYLIZE_TRUSTED_PROXIES", "1" if env.get("SPACE_ID") else ""),
-                   max_size=int(env["STYLIZE_MAX_SIZE"]) if "STYLIZE_MAX_SIZE" in env else None,
-                   concurrency=int(env.get("STYLIZE_CONCURRENCY", "1")),
-                   queue_size=int(env.get("STYLIZE_QUEUE_SIZE", "32")))
+
+        return cls(
+            max_job_seconds=number("STYLIZE_MAX_JOB_SECONDS", 300),
+            jobs_per_client=int(env.get("STYLIZE_JOBS_PER_CLIENT", "2")),
+            max_job_pixels=int(number("STYLIZE_MAX_JOB_MEGAPIXELS", 120) * 1_000_000),
+            client_storage=int(number("STYLIZE_CLIENT_STORAGE_MB", 500) * 2**20),
+            storage=int(number("STYLIZE_STORAGE_MB", 5000) * 2**20),
+            keep_seconds=max(1, int(number("STYLIZE_KEEP_FILES_SECONDS", 3 * 3600))),
+            trusted_proxies=env.get("STYLIZE_TRUSTED_PROXIES", "1" if env.get("SPACE_ID") else ""),
+            max_size=int(env["STYLIZE_MAX_SIZE"]) if "STYLIZE_MAX_SIZE" in env else None,
+            concurrency=int(env.get("STYLIZE_CONCURRENCY", "1")),
+            queue_size=int(env.get("STYLIZE_QUEUE_SIZE", "32")),
+        )
 
     @property
     def sweep_seconds(self) -> int:
@@ -87,6 +90,7 @@ GPU_SPEED = StepSpeed(fixed=0.0, per_pixel=2e-7)  # a GPU's until its first job 
 
 # --- the cost of one job -------------------------------------------------------------------------------------
 
+
 class JobClock:
     """This server's speed (`timing.StepSpeed`): what a job will cost before it starts.
 
@@ -103,16 +107,24 @@ class JobClock:
         self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
 
     def time_in_background(self, measure: Callable[[], StepSpeed]) -> None:
-        LOG.info("Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
-                 "meanwhile waits for it).", SAMPLE["size"], SAMPLE["steps"])
+        LOG.info(
+            "Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
+            "meanwhile waits for it).",
+            SAMPLE["size"],
+            SAMPLE["steps"],
+        )
         threading.Thread(target=self._time, args=(measure,), name="job clock", daemon=True).start()
 
     def _time(self, measure: Callable[[], StepSpeed]) -> None:
         try:
             started = time.perf_counter()
             self.speed = measure()
-            LOG.info("Timed this server in %.1f s: a step costs %.3f s plus %.3f s per 100,000 pixels.",
-                     time.perf_counter() - started, self.speed.fixed, self.speed.per_pixel * 1e5)
+            LOG.info(
+                "Timed this server in %.1f s: a step costs %.3f s plus %.3f s per 100,000 pixels.",
+                time.perf_counter() - started,
+                self.speed.fixed,
+                self.speed.per_pixel * 1e5,
+            )
         except Exception:  # the first job measures it instead; the log says why
             LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
         finally:
@@ -128,8 +140,9 @@ class JobClock:
         """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known."""
         if self.speed is None:
             return None
-        return sum(self.speed.seconds(scale.steps, scale.steps * scale.step_cost)
-                   for scale in plan(content_size, settings))
+        return sum(
+            self.speed.seconds(scale.steps, scale.steps * scale.step_cost) for scale in plan(content_size, settings)
+        )
 
     def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
         """Refuse a job that would hold the worker longer than LIMITS.max_job_seconds, naming the largest size that
@@ -141,8 +154,10 @@ class JobClock:
         fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size))), None)
         advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
         limit = _about(LIMITS.max_job_seconds)
-        raise SettingsError(f"A {settings.size} px picture with the {preset} preset would take about "
-                            f"{_about(estimate)} on this server; the limit is {limit}. {advice}")
+        raise SettingsError(
+            f"A {settings.size} px picture with the {preset} preset would take about "
+            f"{_about(estimate)} on this server; the limit is {limit}. {advice}"
+        )
 
     def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
         """A job's estimated seconds where they pass the limit; None where it may run."""
@@ -172,13 +187,23 @@ def max_size(gpu: bool) -> int:
 def check_size(size: int, gpu: bool) -> None:
     largest = max_size(gpu)
     if size > largest:
-        raise SettingsError(f"This server makes pictures up to {largest} px; {size} px is more. Choose a "
-                            f"smaller size, or make print sizes with the command line (stylize --size {size}) or "
-                            "on a server that allows them (STYLIZE_MAX_SIZE).")
+        raise SettingsError(
+            f"This server makes pictures up to {largest} px; {size} px is more. Choose a "
+            f"smaller size, or make print sizes with the command line (stylize --size {size}) or "
+            "on a server that allows them (STYLIZE_MAX_SIZE)."
+        )
 
 
-def admit(settings: Settings, files: Sequence[tuple[str, str]], extra_styles: int, layers: int, *, gpu: bool,
-          clock: JobClock, preset: str) -> tuple[int, int]:
+def admit(
+    settings: Settings,
+    files: Sequence[tuple[str, str]],
+    extra_styles: int,
+    layers: int,
+    *,
+    gpu: bool,
+    clock: JobClock,
+    preset: str,
+) -> tuple[int, int]:
     """Refuse a job this server should not run, before any pixel is decoded; else the photo's (width, height).
 
     `files` are the job's (path, what) in order, the photo first, then the style artwork, `extra_styles` extra
@@ -194,8 +219,10 @@ def admit(settings: Settings, files: Sequence[tuple[str, str]], extra_styles: in
     pixels = sum(width * height for width, height in sizes)
     limit = LIMITS.max_job_pixels
     if pixels > limit:
-        raise ImageError(f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
-                         f"{limit / 1e6:.0f}. Use fewer or smaller images.")
+        raise ImageError(
+            f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
+            f"{limit / 1e6:.0f}. Use fewer or smaller images."
+        )
     clock.check(sizes[0], settings, preset)
     return sizes[0]
 
@@ -204,8 +231,7 @@ def _uploaded(path: str, what: str) -> str:
     """An uploaded file's path, once it is known to be still there: a page left open past the cleanup sends a path
     that is gone, and its user is told to upload again rather than that a file with a random name does not exist."""
     if not Path(path).is_file():
-        raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). "
-                         "Upload it again.")
+        raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). Upload it again.")
     return path
 
 
@@ -241,8 +267,7 @@ def visitor_address(peer: str | None, forwarded: str) -> str | None:
     if trusted.strip().isdigit():
         hops = int(trusted)
         return chain[hops] if len(chain) > hops else peer
-    proxies = [ipaddress.ip_network(entry.strip(), strict=False) for entry in trusted.split(",")
-               if entry.strip()]
+    proxies = [ipaddress.ip_network(entry.strip(), strict=False) for entry in trusted.split(",") if entry.strip()]
     return next((address for address in chain if not _is_one_of(address, proxies)), chain[-1])
 
 
@@ -261,6 +286,7 @@ def _is_private(address: str) -> bool:
 
 
 # --- the routes ----------------------------------------------------------------------------------------------
+
 
 class Guard:
     """ASGI middleware in front of the app's routes: bounds what one request carries and what one client holds.
@@ -307,8 +333,14 @@ class Guard:
         client = client_of(_peer(scope), Headers(scope=scope), session)
         waiting = self.clients_in_line(scope["app"]).count(client) + self.joining[client]
         if waiting >= LIMITS.jobs_per_client:
-            return await refuse(scope, receive, send, 429, f"You have {waiting} pictures waiting or being "
-                                 f"made, the most one visitor may have; wait for one to finish.")
+            return await refuse(
+                scope,
+                receive,
+                send,
+                429,
+                f"You have {waiting} pictures waiting or being "
+                f"made, the most one visitor may have; wait for one to finish.",
+            )
         self.joining[client] += 1  # no await since the count: two joins at once cannot both pass
         try:
             await self.app(scope, receive, send)
@@ -326,14 +358,21 @@ class Guard:
             return await refuse(scope, receive, send, 411, "Send uploads with a Content-Length.")
         if await self._disk_used() + int(length) > LIMITS.storage:
             await drain(receive)
-            return await refuse(scope, receive, send, 507, "The server's space for uploads is full; try again in "
-                                 "a while.")
+            return await refuse(
+                scope, receive, send, 507, "The server's space for uploads is full; try again in a while."
+            )
         self._forget_old_uploads()
         stored = self.stored[client]
         if stored + int(length) > LIMITS.client_storage:
             await drain(receive)
-            return await refuse(scope, receive, send, 429, f"You have uploaded {stored / 2**20:.1f} MB in the last "
-                                 f"{_about(LIMITS.keep_seconds)}, the most one visitor may store; try again later.")
+            return await refuse(
+                scope,
+                receive,
+                send,
+                429,
+                f"You have uploaded {stored / 2**20:.1f} MB in the last "
+                f"{_about(LIMITS.keep_seconds)}, the most one visitor may store; try again later.",
+            )
         response = HeldResponse()
         try:
             await self.app(scope, receive, response.send)
@@ -396,6 +435,7 @@ def _session(data: Any) -> str | None:
 
 # --- the disk ------------------------------------------------------------------------------------------------
 
+
 def sweep(folder: Path, file_age: float, folder_age: float) -> None:
     """Delete files under `folder` last changed more than `file_age` seconds ago, then the folders left empty:
     those this sweep emptied and those standing empty for `folder_age` (gradio makes a folder for each file)."""
@@ -438,4 +478,5 @@ def sweeping(folder: str) -> Callable[[Any], contextlib.AbstractAsyncContextMana
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
     return lifespan

@@ -36,8 +36,12 @@ MAX_SCANS = 100
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image, what: str = "image",
-               max_side: int | None = None, stop: threading.Event | None = None) -> Image.Image:
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image,
+    what: str = "image",
+    max_side: int | None = None,
+    stop: threading.Event | None = None,
+) -> Image.Image:
     """Open `source` as an upright 8-bit RGB image, refusing what cannot or should not be decoded.
 
     A file is checked here (bytes, format, header), then decoded in a bounded child process (`decoding`), which
@@ -56,8 +60,9 @@ def image_size(source: str | os.PathLike | bytes, what: str = "image") -> tuple[
         return image.size
 
 
-def load_opacity(source: str | os.PathLike | bytes, what: str, size: tuple[int, int],
-                 stop: threading.Event | None = None) -> Image.Image:
+def load_opacity(
+    source: str | os.PathLike | bytes, what: str, size: tuple[int, int], stop: threading.Event | None = None
+) -> Image.Image:
     """The opacity of an image (a painted layer) as greyscale of `size`: 255 wherever any paint is, else 0."""
     _opened(source, what).close()
     return decode(source, what, opacity_size=size, stop=stop)
@@ -75,26 +80,29 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
     if size == 0:
         raise ImageError(f"The {what} file is empty. Use a JPEG, PNG or WebP image.")
     if size > MAX_BYTES:
-        raise ImageError(f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. "
-                         "Use a smaller file.")
+        raise ImageError(
+            f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. Use a smaller file."
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
             image = Image.open(opener())
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
-            raise ImageError(f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} "
-                             "megapixels. Use a smaller image.") from None
+            raise ImageError(
+                f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image."
+            ) from None
         refuse_metadata_bomb(error, what)
-        raise ImageError(f"The {what} is not an image this app can read. "
-                         "Use a JPEG, PNG or WebP image.") from None
+        raise ImageError(f"The {what} is not an image this app can read. Use a JPEG, PNG or WebP image.") from None
     try:
         if image.format not in FORMATS:
             raise ImageError(f"The {what} is in {image.format} format. Use a JPEG, PNG or WebP image.")
         width, height = image.size
         if width * height > MAX_PIXELS:
-            raise ImageError(f"The {what} is {width}x{height} pixels; the limit is "
-                             f"{MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image.")
+            raise ImageError(
+                f"The {what} is {width}x{height} pixels; the limit is "
+                f"{MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image."
+            )
         _checked_shape(image, what)
         if image.format in ("JPEG", "MPO"):
             _check_jpeg(contents(), image.size, what)
@@ -123,7 +131,7 @@ def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
         if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte or a marker without length
             position += 1 if marker == 0xFF else 2
             continue
-        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         huffman |= marker in _HUFFMAN_FRAMES
         if marker == 0xDA:  # start of scan: its header, then entropy-coded data up to the next marker
             scans += 1
@@ -132,8 +140,10 @@ def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
             end = following.start() if following else len(data)
         position = end
     if scans > MAX_SCANS:
-        raise ImageError(f"The {what} is a JPEG in {scans} scans (progressive layers); the limit is {MAX_SCANS}. "
-                         "Open it in an image editor and save it again as a standard JPEG or a PNG.")
+        raise ImageError(
+            f"The {what} is a JPEG in {scans} scans (progressive layers); the limit is {MAX_SCANS}. "
+            "Open it in an image editor and save it again as a standard JPEG or a PNG."
+        )
     # Huffman coding spends at least one bit on every 8x8 block's DC coefficient.
     if huffman and coded * 8 < math.ceil(size[0] / 8) * math.ceil(size[1] / 8):
         raise truncated(what)
@@ -142,11 +152,13 @@ def _check_jpeg(data: bytes, size: tuple[int, int], what: str) -> None:
 def _checked_shape(image: Image.Image, what: str) -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
-        raise ImageError(f"The {what} is only {width}x{height} pixels; use one at least "
-                         f"{MIN_SIDE} pixels on each side.")
+        raise ImageError(
+            f"The {what} is only {width}x{height} pixels; use one at least {MIN_SIDE} pixels on each side."
+        )
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise ImageError(f"The {what} is {width}x{height} pixels, longer than {MAX_ASPECT:g}:1. "
-                         "Crop it to a less extreme shape.")
+        raise ImageError(
+            f"The {what} is {width}x{height} pixels, longer than {MAX_ASPECT:g}:1. Crop it to a less extreme shape."
+        )
     return image
 
 
@@ -167,14 +179,11 @@ def resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     width, height = size
     if tensor.shape[-2:] == (height, width):
         return tensor
-    return F.interpolate(tensor, size=(height, width), mode="bicubic", antialias=True,
-                         align_corners=False).clamp(0, 1)
+    return F.interpolate(tensor, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
 
 
 # ITU-R BT.601 (JPEG) YCbCr; the rows give Y, Cb, Cr from RGB in [0, 1].
-_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114],
-                              [-0.168736, -0.331264, 0.5],
-                              [0.5, -0.418688, -0.081312]])
+_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 
 
 def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
@@ -207,6 +216,7 @@ def match_luminance(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def match_colors(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`source` recoloured so its colour mean and covariance match `target`'s."""
+
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = x[0].flatten(1).double()
         mean = pixels.mean(1, keepdim=True)
@@ -244,8 +254,12 @@ def result_metadata(settings: Settings, progress: Any) -> dict[str, str]:
     pictures shown to strangers), and the kind of weights used. `progress` is the engine's Progress record
     of the result."""
     ran = replace(settings, precision=progress.precision)
-    meta = {"Software": "stylize", "stylize:settings": ran.to_json(), "stylize:weights": progress.weights,
-            "stylize:precision": progress.precision}
+    meta = {
+        "Software": "stylize",
+        "stylize:settings": ran.to_json(),
+        "stylize:weights": progress.weights,
+        "stylize:precision": progress.precision,
+    }
     if progress.note:
         meta["stylize:warning"] = progress.note
     return meta

@@ -36,8 +36,10 @@ from .timing import StepSpeed, StepTimer
 try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere it leaves the function as it is.
     from spaces import GPU
 except ImportError:  # the package is only there on Hugging Face Spaces (and where the tests install it)
+
     def GPU(duration: Any) -> Any:  # the same name as the decorator it stands in for
         return lambda fn: fn
+
 
 PRESET_LABELS = {"draft": "Fast draft", "standard": "Standard", "fine": "Fine"}
 PREVIEW_SIDE = 1024  # the long side previews are shrunk to: print sizes are too big to stream several a second
@@ -76,20 +78,37 @@ def sample_speed(photo_size: tuple[int, int], settings: Settings) -> StepSpeed:
     return speed
 
 
-def _job_images(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings,
-                preset: str, halt: threading.Event) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
+def _job_images(
+    content: str,
+    style: str,
+    extra_styles: list,
+    layers: list[str],
+    settings: Settings,
+    preset: str,
+    halt: threading.Event,
+) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
     """The photo, the style images and the painted region of one job. The picture's size, the images' count, each
     file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
     image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
     at a time. Each is decoded in a bounded process of its own (stylize.decoding), which `halt` ends."""
-    files = [(content, "photo"), (style, "style artwork"),
-             *[(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles, start=1)],
-             *[(path, "painted region") for path in layers]]
-    guard.admit(settings, files, len(extra_styles), len(layers), gpu=device_kind() == "gpu", clock=job_clock(),
-                preset=PRESET_LABELS[preset])
+    files = [
+        (content, "photo"),
+        (style, "style artwork"),
+        *[(path, f"extra style image {i}") for i, (path, _) in enumerate(extra_styles, start=1)],
+        *[(path, "painted region") for path in layers],
+    ]
+    guard.admit(
+        settings,
+        files,
+        len(extra_styles),
+        len(layers),
+        gpu=device_kind() == "gpu",
+        clock=job_clock(),
+        preset=PRESET_LABELS[preset],
+    )
     photo = load_image(content, "photo", settings.size, halt)
     style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
-    styles = [load_image(path, what, style_side, halt) for path, what in files[1:2 + len(extra_styles)]]
+    styles = [load_image(path, what, style_side, halt) for path, what in files[1 : 2 + len(extra_styles)]]
     return photo, styles, _painted_region(layers, photo.size, halt)
 
 
@@ -97,21 +116,22 @@ def _painted_region(layers: list[str], size: tuple[int, int], halt: threading.Ev
     """White where any painted layer has paint, at the photo's `size`; None where none has (style everywhere)."""
     if not layers:
         return None
-    region = functools.reduce(ImageChops.lighter,
-                              (load_opacity(path, "painted region", size, halt) for path in layers))
+    region = functools.reduce(ImageChops.lighter, (load_opacity(path, "painted region", size, halt) for path in layers))
     return region if region.getbbox() else None
 
 
 def numbers(text: str | None) -> tuple[float, ...]:
     text = "" if text is None else text
     if not isinstance(text, str) or len(text) > WEIGHTS_TEXT_LENGTH:
-        raise SettingsError(f"Style blend weights must be a short text of numbers separated by commas, like 1, 0.5; "
-                            f"got {brief(text)}.")
+        raise SettingsError(
+            f"Style blend weights must be a short text of numbers separated by commas, like 1, 0.5; got {brief(text)}."
+        )
     try:
         return tuple(float(item) for item in text.replace(",", " ").split())
     except ValueError:
-        raise SettingsError(f"Style blend weights must be numbers separated by commas, like 1, 0.5; "
-                            f"got {brief(text)}.") from None
+        raise SettingsError(
+            f"Style blend weights must be numbers separated by commas, like 1, 0.5; got {brief(text)}."
+        ) from None
 
 
 _SLOTS: dict[int, threading.BoundedSemaphore] = {}  # by the number of runs that go at once
@@ -125,8 +145,15 @@ def run_slots(concurrency: int) -> threading.BoundedSemaphore:
         return _SLOTS.setdefault(concurrency, threading.BoundedSemaphore(concurrency))
 
 
-def frames(content: str, style: str, extra_styles: list, layers: list[str], settings: Settings, preset: str,
-            halt: threading.Event) -> Iterator[Frame]:
+def frames(
+    content: str,
+    style: str,
+    extra_styles: list,
+    layers: list[str],
+    settings: Settings,
+    preset: str,
+    halt: threading.Event,
+) -> Iterator[Frame]:
     """One job's blocking work: its images read, then the engine's frames, until `halt` is set. One run at a time
     per worker (run_slots): a stopped run's thread ends its step after its job has ended, before the next run."""
     photo, styles, region = _job_images(content, style, extra_styles, layers, settings, preset, halt)
@@ -137,8 +164,7 @@ def frames(content: str, style: str, extra_styles: list, layers: list[str], sett
             yield from run
 
 
-async def in_thread(make: Callable[[threading.Event], Iterator[Frame]],
-                     stop: threading.Event) -> AsyncIterator[Frame]:
+async def in_thread(make: Callable[[threading.Event], Iterator[Frame]], stop: threading.Event) -> AsyncIterator[Frame]:
     """The frames of `make(halt)`, which runs in a thread of its own and makes each frame once the one before is
     taken (as gradio pulls a generator's). Until `stop` is set: then this ends at once with what it has. Waiting
     here is cancelled at once, so a cancelled API job is answered without waiting for the engine's step to end
@@ -216,17 +242,31 @@ def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Sett
 
 
 @GPU(duration=_gpu_seconds)
-def _run(content: Image.Image, styles: list[Image.Image], settings: Settings,
-         mask: Image.Image | None) -> Iterator[Frame]:
+def _run(
+    content: Image.Image, styles: list[Image.Image], settings: Settings, mask: Image.Image | None
+) -> Iterator[Frame]:
     """Drive the engine: a Frame for each preview, then the final one at full size."""
     steps = transfer(content, styles, settings, mask=mask)
     work = job_work(content.size, settings)
     try:
         for progress in steps:
-            yield Frame(progress.image(None if progress.final else PREVIEW_SIDE), progress.size, progress.step,
-                        progress.total, progress.scale, progress.scales, progress.tile, progress.tiles,
-                        progress.elapsed, progress.done, work, progress.final, progress.device, progress.precision,
-                        result_metadata(settings, progress))
+            yield Frame(
+                progress.image(None if progress.final else PREVIEW_SIDE),
+                progress.size,
+                progress.step,
+                progress.total,
+                progress.scale,
+                progress.scales,
+                progress.tile,
+                progress.tiles,
+                progress.elapsed,
+                progress.done,
+                work,
+                progress.final,
+                progress.device,
+                progress.precision,
+                result_metadata(settings, progress),
+            )
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
         _return_freed_memory()
@@ -295,16 +335,20 @@ def running(frame: Frame, left: float | None) -> str:
     width, height = frame.size
     estimate = "estimating the time left" if left is None else f"about {_duration(5 * round(left / 5))} left"
     tile = f", tile {frame.tile} of {frame.tiles}" if frame.tiles else ""
-    return (f"Scale {frame.scale} of {frame.scales} ({width}×{height} px{tile}) · step {frame.step} of "
-            f"{frame.total} · {_duration(frame.elapsed)} elapsed · {estimate} · {_hardware(frame)}")
+    return (
+        f"Scale {frame.scale} of {frame.scales} ({width}×{height} px{tile}) · step {frame.step} of "
+        f"{frame.total} · {_duration(frame.elapsed)} elapsed · {estimate} · {_hardware(frame)}"
+    )
 
 
 def ended(frame: Frame) -> str:
     width, height = frame.picture.size
     if frame.final:
         return f"Done in {_duration(frame.elapsed)}: {width}×{height} px, {frame.total} steps · {_hardware(frame)}."
-    return (f"{_stopped_at(frame).capitalize()} after {_duration(frame.elapsed)}: the picture so far, "
-            f"{width}×{height} px · {_hardware(frame)}.")
+    return (
+        f"{_stopped_at(frame).capitalize()} after {_duration(frame.elapsed)}: the picture so far, "
+        f"{width}×{height} px · {_hardware(frame)}."
+    )
 
 
 def _hardware(frame: Frame) -> str:
@@ -319,4 +363,3 @@ def _stopped_at(frame: Frame) -> str:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-

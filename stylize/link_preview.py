@@ -69,11 +69,18 @@ class LinkPreview:
         host = headers.get("x-forwarded-host", headers.get("host", "localhost"))
         page = f"{scheme}://{host}{scope.get('root_path', '')}/"
         image = f"{page}{PREVIEW_ROUTE.lstrip('/')}"
-        tags = [("property", "og:type", "website"), ("property", "og:url", page), ("property", "og:title", TITLE),
-                ("property", "og:description", DESCRIPTION), ("property", "og:image", image),
-                ("name", "twitter:card", "summary_large_image"), ("name", "twitter:title", TITLE),
-                ("name", "twitter:description", DESCRIPTION), ("name", "twitter:image", image),
-                ("name", "description", DESCRIPTION)]
-        return "".join(f'<meta {kind}="{key}" content="{html.escape(value)}" />\n'
-                       for kind, key, value in tags).encode()
-
+        tags = [
+            ("property", "og:type", "website"),
+            ("property", "og:url", page),
+            ("property", "og:title", TITLE),
+            ("property", "og:description", DESCRIPTION),
+            ("property", "og:image", image),
+            ("name", "twitter:card", "summary_large_image"),
+            ("name", "twitter:title", TITLE),
+            ("name", "twitter:description", DESCRIPTION),
+            ("name", "twitter:image", image),
+            ("name", "description", DESCRIPTION),
+        ]
+        return "".join(
+            f'<meta {kind}="{key}" content="{html.escape(value)}" />\n' for kind, key, value in tags
+        ).encode()

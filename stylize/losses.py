@@ -33,8 +33,11 @@ def _normalised(weights: dict[str, float]) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
-REFERENCE = Balance(content=0.015, tv=2.0, style_layers=_normalised(
-    {"relu1_1": 256, "relu2_1": 64, "relu3_1": 16, "relu4_1": 4, "relu5_1": 1}))
+REFERENCE = Balance(
+    content=0.015,
+    tv=2.0,
+    style_layers=_normalised({"relu1_1": 256, "relu2_1": 64, "relu3_1": 16, "relu4_1": 4, "relu5_1": 1}),
+)
 BALANCES = {
     "imagenet": REFERENCE,
     # vgg.py puts a Caffe-converted network's activations on torchvision's scale, so the reference balance holds.
@@ -53,8 +56,10 @@ def style_layer_weights(settings: Settings, balance: Balance) -> dict[str, float
     else:
         unknown = [name for name in settings.style_layers if name not in balance.style_layers]
         if unknown:
-            raise SettingsError(f"Give style_layer_weights for the style layers {', '.join(unknown)}: "
-                                "the loss balance has weights for relu1_1 to relu5_1 only.")
+            raise SettingsError(
+                f"Give style_layer_weights for the style layers {', '.join(unknown)}: "
+                "the loss balance has weights for relu1_1 to relu5_1 only."
+            )
         weights = {name: balance.style_layers[name] for name in settings.style_layers}
     total = sum(weights.values())
     if total <= 0:
@@ -215,8 +220,10 @@ def mixture(parts: list[Gaussian], shares: list[float]) -> Gaussian:
     """The mean and covariance of a mixture: how several style images blend by weight."""
     total = sum(shares)
     mean = sum(share / total * part.mean for part, share in zip(parts, shares, strict=True))
-    cov = sum(share / total * (part.cov + torch.outer(part.mean - mean, part.mean - mean))
-              for part, share in zip(parts, shares, strict=True))
+    cov = sum(
+        share / total * (part.cov + torch.outer(part.mean - mean, part.mean - mean))
+        for part, share in zip(parts, shares, strict=True)
+    )
     return Gaussian(mean, cov)
 
 
@@ -248,7 +255,7 @@ def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor |
     else:  # few positions: autograd's generic rules cost little, and the covariance is never formed
         share = _share(mask)
         mean, centred = _centred(features, share)
-        centred = centred * (share.sqrt() if share is not None else positions ** -0.5)
+        centred = centred * (share.sqrt() if share is not None else positions**-0.5)
         inner = gram((target.cov_sqrt @ centred).T)
         spread = centred.square().sum()
     cov_term = spread + target.cov_trace - 2 * trace_sqrt(inner)

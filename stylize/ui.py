@@ -66,9 +66,11 @@ CSS = """
                                                    font-size: var(--text-lg); }
 """
 # The status line is plain text (what an API caller gets); the page draws a progress bar from its "step N of M".
-STATUS_TEMPLATE = ("${/step \\d+ of \\d+/.test(value) ? `<progress value=\"${value.match(/step (\\d+) of/)[1]}\" "
-                   "max=\"${value.match(/step \\d+ of (\\d+)/)[1]}\"></progress>` : value.startsWith('Done') ? "
-                   "'<progress value=\"1\" max=\"1\"></progress>' : ''}<p>${value}</p>")
+STATUS_TEMPLATE = (
+    '${/step \\d+ of \\d+/.test(value) ? `<progress value="${value.match(/step (\\d+) of/)[1]}" '
+    "max=\"${value.match(/step \\d+ of (\\d+)/)[1]}\"></progress>` : value.startsWith('Done') ? "
+    "'<progress value=\"1\" max=\"1\"></progress>' : ''}<p>${value}</p>"
+)
 # Bring the result into view when a run starts, with the Stop button: on a wide screen the result is at the top
 # of the page, on a narrow one (a phone) under the buttons, so the higher of the two goes to the top.
 SHOW_RESULT_JS = """() => {
@@ -85,8 +87,10 @@ def build_demo() -> gr.Blocks:
     """The whole app: inputs, live result, controls, examples and this session's gallery."""
     kind = device_kind()
     # Said before torch's own "Downloading: ...vgg19..." line, which it prints offline too, just before it fails.
-    LOG.info("Loading the VGG19 weights: torch's cache, else a download (548 MB, once; offline it fails at once "
-             "and the app runs on untrained features).")
+    LOG.info(
+        "Loading the VGG19 weights: torch's cache, else a download (548 MB, once; offline it fails at once "
+        "and the app runs on untrained features)."
+    )
     weights = resolve_weights(Settings().with_weights_from_env().weights)  # downloads here, before any user waits
     if weights.untrained:  # said once, here, and on the page; not again in the log for every run
         LOG.warning("Degraded mode: %s", weights.note)
@@ -95,11 +99,14 @@ def build_demo() -> gr.Blocks:
     gr.set_static_paths([ASSETS])  # served in place, so clearing old files never breaks the examples
 
     # A size left out means the preset's size, so its default is none.
-    with Page(api_help={"/stylize": _api_help()}, api_defaults={"/stylize": {"size": None}}, title=TITLE,
-              delete_cache=(guard.LIMITS.sweep_seconds, guard.LIMITS.keep_seconds),
-              analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true") as demo:
-        gr.Markdown(f"# {TITLE}\n{DESCRIPTION} Add both pictures (or click an example below), then press "
-                    "**Stylize**.")
+    with Page(
+        api_help={"/stylize": _api_help()},
+        api_defaults={"/stylize": {"size": None}},
+        title=TITLE,
+        delete_cache=(guard.LIMITS.sweep_seconds, guard.LIMITS.keep_seconds),
+        analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true",
+    ) as demo:
+        gr.Markdown(f"# {TITLE}\n{DESCRIPTION} Add both pictures (or click an example below), then press **Stylize**.")
         if weights.untrained:
             gr.Markdown(f"**Degraded mode.** {weights.note}", elem_id="notice")
 
@@ -110,11 +117,17 @@ def build_demo() -> gr.Blocks:
                     style = _upload("Style artwork", elem_id="style")
                 with gr.Row():
                     preset = Radio(
-                        [(PRESET_LABELS[name], name) for name in PRESET_NAMES], value="standard", label="Quality",
-                        info=" · ".join(f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
-                                        for name, p in PRESETS[kind].items()))
-                    size = _slider("size", step=32, value=PRESETS[kind]["standard"]["size"],
-                                   high=guard.max_size(kind == "gpu"))
+                        [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
+                        value="standard",
+                        label="Quality",
+                        info=" · ".join(
+                            f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
+                            for name, p in PRESETS[kind].items()
+                        ),
+                    )
+                    size = _slider(
+                        "size", step=32, value=PRESETS[kind]["standard"]["size"], high=guard.max_size(kind == "gpu")
+                    )
                 with gr.Row():
                     style_strength = _slider("style_strength", step=0.1)
                     content_strength = _slider("content_strength", step=0.1)
@@ -122,8 +135,9 @@ def build_demo() -> gr.Blocks:
                     run = gr.Button("Stylize", variant="primary", elem_id="run")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
             with gr.Column(scale=2):
-                result = gr.Image(label="Result", interactive=False, buttons=["download", "fullscreen"],
-                                  elem_id="result")
+                result = gr.Image(
+                    label="Result", interactive=False, buttons=["download", "fullscreen"], elem_id="result"
+                )
                 status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
 
@@ -137,27 +151,53 @@ def build_demo() -> gr.Blocks:
                 seed = _whole_number("seed")
             with gr.Row():
                 with gr.Column():
-                    extra_styles = gr.Gallery(label="More style images, blended with the style artwork",
-                                              type="filepath", interactive=True, file_types=["image"], columns=4,
-                                              elem_id="extra-styles")
-                    style_weights = gr.Textbox("", label=knob("style_weights")["label"], placeholder="e.g. 1, 0.5",
-                                               max_length=WEIGHTS_TEXT_LENGTH,
-                                               info=knob("style_weights")["help"] + " The first is the style "
-                                               "artwork's, then one per extra image, separated by commas.")
+                    extra_styles = gr.Gallery(
+                        label="More style images, blended with the style artwork",
+                        type="filepath",
+                        interactive=True,
+                        file_types=["image"],
+                        columns=4,
+                        elem_id="extra-styles",
+                    )
+                    style_weights = gr.Textbox(
+                        "",
+                        label=knob("style_weights")["label"],
+                        placeholder="e.g. 1, 0.5",
+                        max_length=WEIGHTS_TEXT_LENGTH,
+                        info=knob("style_weights")["help"] + " The first is the style "
+                        "artwork's, then one per extra image, separated by commas.",
+                    )
                 with gr.Column():
                     # Said above the editor: its own label floats under its toolbar, which covers a long one.
                     gr.Markdown(f"**{REGION}**", elem_id="mask-label")
                     mask = RegionEditor(
-                        {"background": None, "layers": [], "composite": None}, elem_id="mask", label=REGION,
-                        show_label=False, type="pil", image_mode="RGBA", sources=[], transforms=[], layers=False,
-                        brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"))
+                        {"background": None, "layers": [], "composite": None},
+                        elem_id="mask",
+                        label=REGION,
+                        show_label=False,
+                        type="pil",
+                        image_mode="RGBA",
+                        sources=[],
+                        transforms=[],
+                        layers=False,
+                        brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"),
+                    )
 
-        examples = gr.Examples([[_asset(photo), _asset(art)] for photo, art in EXAMPLES], [content, style],
-                               label="Examples (click one to run it with the quality chosen above)",
-                               api_visibility="private")
+        examples = gr.Examples(
+            [[_asset(photo), _asset(art)] for photo, art in EXAMPLES],
+            [content, style],
+            label="Examples (click one to run it with the quality chosen above)",
+            api_visibility="private",
+        )
         history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
-        gallery = gr.Gallery(label="Your results in this session", columns=6, fit_columns=False, height=260,
-                             interactive=False, elem_id="history")
+        gallery = gr.Gallery(
+            label="Your results in this session",
+            columns=6,
+            fit_columns=False,
+            height=260,
+            interactive=False,
+            elem_id="history",
+        )
 
         private = {"queue": False, "api_visibility": "private"}
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
@@ -173,11 +213,31 @@ def build_demo() -> gr.Blocks:
             return _busy(_someone_ahead(demo))
 
         started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
-        job = started.then(stylize, [content, style, preset, size, style_strength, content_strength, preserve_colors,
-                                     style_scale, extra_styles, style_weights, mask, optimizer, seed, smoothing],
-                           [result, status, download], api_name="stylize",
-                           concurrency_limit=guard.LIMITS.concurrency,
-                           concurrency_id=RUN_QUEUE, show_progress="minimal", show_progress_on=result)
+        job = started.then(
+            stylize,
+            [
+                content,
+                style,
+                preset,
+                size,
+                style_strength,
+                content_strength,
+                preserve_colors,
+                style_scale,
+                extra_styles,
+                style_weights,
+                mask,
+                optimizer,
+                seed,
+                smoothing,
+            ],
+            [result, status, download],
+            api_name="stylize",
+            concurrency_limit=guard.LIMITS.concurrency,
+            concurrency_id=RUN_QUEUE,
+            show_progress="minimal",
+            show_progress_on=result,
+        )
         # Stylize comes back once the run has really ended: after an error too, which .then() skips.
         job.then(_idle, None, [run, stop], **private)
         job.then(_remember, [download, preset, history], [gallery, history], **private)
@@ -199,19 +259,30 @@ def launch_options() -> dict[str, Any]:
     # only STYLIZE_TRUSTED_PROXIES; uvicorn takes its setting from here when launch() starts it.
     os.environ["FORWARDED_ALLOW_IPS"] = ""
     folder = gr.utils.get_upload_folder()
-    return {"max_file_size": MAX_BYTES, "ssr_mode": ssr, "css": CSS, "theme": gr.themes.Soft(primary_hue="indigo"),
-            "run_history": False,
-            "app_kwargs": {"lifespan": guard.sweeping(folder), "middleware": [
+    return {
+        "max_file_size": MAX_BYTES,
+        "ssr_mode": ssr,
+        "css": CSS,
+        "theme": gr.themes.Soft(primary_hue="indigo"),
+        "run_history": False,
+        "app_kwargs": {
+            "lifespan": guard.sweeping(folder),
+            "middleware": [
                 Middleware(guard.Guard, folder=folder, clients_in_line=_clients_in_line),
-                LinkPreview.middleware()]}}
+                LinkPreview.middleware(),
+            ],
+        },
+    }
 
 
 def _clients_in_line(app: Any) -> list[str]:
     """The client (guard.client_of) of each job in gradio's queue, waiting or running. Gradio offers no public view
     of who waits, so this reads its queue's own table of events; test_public checks that this still works."""
     events = list(app.get_blocks()._queue.event_ids_to_events.values())
-    return [guard.client_of(event.request.client and event.request.client.host, event.request.headers,
-                            event.session_hash) for event in events]
+    return [
+        guard.client_of(event.request.client and event.request.client.host, event.request.headers, event.session_hash)
+        for event in events
+    ]
 
 
 def _asset(name: str) -> str:
@@ -221,10 +292,23 @@ def _asset(name: str) -> str:
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-async def stylize(content: str | None, style: str | None, preset: str, size: float | None, style_strength: float,
-                  content_strength: float, preserve_colors: str, style_scale: float, extra_styles: list | None,
-                  style_weights: str, mask: list[str] | None, optimizer: str, seed: float, smoothing: float,
-                  request: gr.Request | None = None) -> AsyncIterator[tuple]:
+async def stylize(
+    content: str | None,
+    style: str | None,
+    preset: str,
+    size: float | None,
+    style_strength: float,
+    content_strength: float,
+    preserve_colors: str,
+    style_scale: float,
+    extra_styles: list | None,
+    style_weights: str,
+    mask: list[str] | None,
+    optimizer: str,
+    seed: float,
+    smoothing: float,
+    request: gr.Request | None = None,
+) -> AsyncIterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
     gives the result as a PNG that records its settings."""
     # The page's Stop sets its session's flag (busy() made it); an API caller stops a run by cancelling its job.
@@ -240,9 +324,18 @@ async def stylize(content: str | None, style: str | None, preset: str, size: flo
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
         settings = Settings.from_preset(
-            preset, device_kind(), **({} if size is None else {"size": size}), style_strength=style_strength,
-            content_strength=content_strength, preserve_colors=preserve_colors, style_scale=style_scale,
-            style_weights=jobs.numbers(style_weights), optimizer=optimizer, seed=seed, smoothing=smoothing)
+            preset,
+            device_kind(),
+            **({} if size is None else {"size": size}),
+            style_strength=style_strength,
+            content_strength=content_strength,
+            preserve_colors=preserve_colors,
+            style_scale=style_scale,
+            style_weights=jobs.numbers(style_weights),
+            optimizer=optimizer,
+            seed=seed,
+            smoothing=smoothing,
+        )
         frames = functools.partial(jobs.frames, content, style, extra_styles or [], mask or [], settings, preset)
         time_left = None
         async with aclosing(jobs.in_thread(frames, stop)) as run:
@@ -257,8 +350,9 @@ async def stylize(content: str | None, style: str | None, preset: str, size: flo
             LOG.info("Refused a job: %s", error)  # a user's mistake: one line in the log, no traceback
             raise gr.Error(str(error), print_exception=False) from None
     except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
-        raise gr.Error("The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS.") \
-            from error
+        raise gr.Error(
+            "The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS."
+        ) from error
     except Exception as error:  # a failure on the server: its log has the details, the user a way on
         raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
     finally:
@@ -280,19 +374,21 @@ def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
         width, height = picture.size
         stopped = picture.text.get("stylize:stopped")
     caption = f"{PRESET_LABELS.get(preset, preset)}, {width}×{height} px" + (f", {stopped}" if stopped else "")
-    history = [(png, caption)] + history[:HISTORY_LENGTH - 1]
+    history = [(png, caption)] + history[: HISTORY_LENGTH - 1]
     return history, history
 
 
 def _said_if_no_image(what: str) -> Callable[[str | None], None]:
     """An upload's check from its header, at once: a file that is no image (a text renamed .jpg) is said when it
     arrives, not only when Stylize is pressed."""
+
     def check(path: str | None) -> None:
         if path:
             try:
                 image_size(path, what)
             except ImageError as error:
                 gr.Warning(str(error))
+
     return check
 
 
@@ -327,42 +423,62 @@ def _request_stop(request: gr.Request) -> gr.Button:
 def _api_help() -> dict[str, str]:
     """The /stylize endpoint's parameter descriptions, from the same help texts as the page's controls: for the API
     page, gradio_client's view_api() and MCP tools (which read them from the handler's docstring, set here too)."""
-    helps = {name: knob(name)["help"] for name in ("style_strength", "content_strength", "preserve_colors",
-                                                     "style_scale", "optimizer", "seed", "smoothing")}
+    helps = {
+        name: knob(name)["help"]
+        for name in (
+            "style_strength",
+            "content_strength",
+            "preserve_colors",
+            "style_scale",
+            "optimizer",
+            "seed",
+            "smoothing",
+        )
+    }
     helps |= {
         "content": "The photo to repaint (JPEG, PNG or WebP).",
         "style": "The artwork whose style is painted onto the photo.",
-        "preset": "Quality: " + "; ".join(f"{name}: {p['size']} px, {p['steps']} steps"
-                                          for name, p in PRESETS[device_kind()].items()) + ".",
+        "preset": "Quality: "
+        + "; ".join(f"{name}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[device_kind()].items())
+        + ".",
         "size": knob("size")["help"] + " Left out: the preset's size.",
         "extra_styles": "More style images, blended with the style artwork.",
         "style_weights": knob("style_weights")["help"] + " The first is the style artwork's, then one per extra "
-                                                         "image, separated by commas.",
+        "image, separated by commas.",
         "mask": "Where the style goes: the painted layers of an image editor value (nothing painted: everywhere).",
     }
-    stylize.__doc__ = (stylize.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + "".join(
-        f"    {name}: {text}\n" for name, text in helps.items())
+    stylize.__doc__ = (
+        (stylize.__doc__ or "").split("\n\n")[0]
+        + "\n\nArgs:\n"
+        + "".join(f"    {name}: {text}\n" for name, text in helps.items())
+    )
     return helps
 
 
 def _upload(label: str, elem_id: str) -> Upload:
     """An image input (upload, paste or webcam) whose file reaches the job unopened (components.Upload)."""
-    return Upload(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340,
-                  elem_id=elem_id)
+    return Upload(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340, elem_id=elem_id)
 
 
 def _slider(name: str, step: float, value: float | None = None, high: float | None = None) -> Slider:
     """A slider over a setting's range, or up to `high` where this server allows less (said in its help)."""
     info = knob(name)
     help_text = info["help"] if high is None else f"{info['help']} Up to {high:g} px on this server."
-    return Slider(info["low"], info["high"] if high is None else high, step=step,
-                  value=info["default"] if value is None else value, label=info["label"], info=help_text)
+    return Slider(
+        info["low"],
+        info["high"] if high is None else high,
+        step=step,
+        value=info["default"] if value is None else value,
+        label=info["label"],
+        info=help_text,
+    )
 
 
 def _whole_number(name: str) -> Number:
     info = knob(name)
-    return Number(info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"],
-                  info=info["help"])
+    return Number(
+        info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"], info=info["help"]
+    )
 
 
 def _radio(name: str) -> Radio:

@@ -20,7 +20,7 @@ from .settings import LAYER_NAMES, InputError
 
 def stride(layer: str) -> int:
     """Pixels per position of a layer's activations: 2 for each pooling before it."""
-    return 2 ** sum(name.startswith("pool") for name in LAYER_NAMES[:LAYER_NAMES.index(layer)])
+    return 2 ** sum(name.startswith("pool") for name in LAYER_NAMES[: LAYER_NAMES.index(layer)])
 
 
 DOWNLOAD_URL = VGG19_Weights.IMAGENET1K_V1.url
@@ -32,9 +32,11 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # dividing them by that puts them on the scale the reference balance was tuned at (losses.BALANCES).
 CAFFE_FEATURE_SCALE = 255 * sum(IMAGENET_STD) / 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-UNTRAINED_NOTE = ("Running on untrained VGG19 features: pretrained weights could not be loaded, so "
-                  "results only transfer colour and rough texture. Connect to the internet once "
-                  "(weights download automatically) or set STYLIZE_WEIGHTS to a VGG19 weights file.")
+UNTRAINED_NOTE = (
+    "Running on untrained VGG19 features: pretrained weights could not be loaded, so "
+    "results only transfer colour and rough texture. Connect to the internet once "
+    "(weights download automatically) or set STYLIZE_WEIGHTS to a VGG19 weights file."
+)
 
 
 class WeightsError(InputError):
@@ -65,8 +67,9 @@ def resolve_weights(spec: str = "auto") -> Weights:
         return load_weights_file(spec)
     try:
         # Looks in the torch hub cache first; downloads (with a progress bar) only if absent.
-        state = torch.hub.load_state_dict_from_url(DOWNLOAD_URL, progress=True, check_hash=True,
-                                                   map_location="cpu", weights_only=True)
+        state = torch.hub.load_state_dict_from_url(
+            DOWNLOAD_URL, progress=True, check_hash=True, map_location="cpu", weights_only=True
+        )
     except Exception as error:  # offline, blocked, disk full, corrupt cache: all mean "none to be had"
         return Weights("untrained", None, f"{UNTRAINED_NOTE} (Download failed: {type(error).__name__}.)")
     return Weights("imagenet", _features_only(state, "the downloaded weights"))
@@ -82,8 +85,11 @@ def load_weights_file(path: str) -> Weights:
         raise WeightsError(f"{path} is not a PyTorch weights file.") from None
     if isinstance(state, dict) and "conv1_1.weight" in state:
         # Caffe conversions name layers; map the names to torchvision's indices.
-        renamed = {f"features.{LAYER_NAMES.index(k.split('.')[0])}.{k.split('.')[1]}": v
-                   for k, v in state.items() if k.split(".")[0] in LAYER_NAMES}
+        renamed = {
+            f"features.{LAYER_NAMES.index(k.split('.')[0])}.{k.split('.')[1]}": v
+            for k, v in state.items()
+            if k.split(".")[0] in LAYER_NAMES
+        }
         return Weights("caffe", _features_only(renamed, path))
     return Weights("imagenet", _features_only(state, path))
 
@@ -91,8 +97,11 @@ def load_weights_file(path: str) -> Weights:
 def _features_only(state: object, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsError(f"{source} does not hold a VGG19 state dict.")
-    features = {k.removeprefix("features."): v for k, v in state.items()
-                if k.startswith("features.") and isinstance(v, torch.Tensor)}
+    features = {
+        k.removeprefix("features."): v
+        for k, v in state.items()
+        if k.startswith("features.") and isinstance(v, torch.Tensor)
+    }
     if "0.weight" not in features or features["0.weight"].shape != (64, 3, 3, 3):
         raise WeightsError(f"{source} does not hold VGG19 weights (no 64x3x3x3 first convolution).")
     return features

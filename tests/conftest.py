@@ -46,6 +46,7 @@ def engine_runs(monkeypatch):
             finally:
                 steps.close()
                 run["closed"].set()
+
         return stream()
 
     monkeypatch.setattr(stylize.jobs, "transfer", watched)
@@ -53,6 +54,7 @@ def engine_runs(monkeypatch):
 
 
 # --- a live app: test modules that need one with other presets or limits define their own `app` ---------------
+
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):

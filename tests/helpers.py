@@ -65,8 +65,9 @@ def style_distance(a: Image.Image, b: Image.Image) -> float:
 
 
 @contextmanager
-def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, concurrency: int = 1,
-             **env: str) -> Iterator:
+def live_app(
+    presets: dict, examples: Path, max_job_seconds: float = math.inf, concurrency: int = 1, **env: str
+) -> Iterator:
     """The app launched in-process with the options app.py uses (server-side rendering included, where
     Node allows), every device's presets replaced by `presets` and the environment variables `env` set.
     Jobs may take `max_job_seconds` (the tests' "fine" presets run until they are stopped); `concurrency` runs
@@ -83,8 +84,9 @@ def live_app(presets: dict, examples: Path, max_job_seconds: float = math.inf, c
         for name, value in {"GRADIO_EXAMPLES_CACHE": str(examples), **env}.items():
             patch.setenv(name, value)
         # The limits as the app would read them from this environment when it starts.
-        patch.setattr(guard, "LIMITS", replace(guard.Limits.from_env(), max_job_seconds=max_job_seconds,
-                                               concurrency=concurrency))
+        patch.setattr(
+            guard, "LIMITS", replace(guard.Limits.from_env(), max_job_seconds=max_job_seconds, concurrency=concurrency)
+        )
         demo = build_demo()
         demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, **launch_options())
         assert job_clock().timed.wait(timeout=300)  # its sample transfer is not one of the tests' runs
@@ -122,8 +124,17 @@ def file_of(folder: Path, name: str, data: bytes) -> str:
 
 def host_strings() -> list[str]:
     from gradio.utils import get_upload_folder
-    return [str(ROOT), tempfile.gettempdir() + "/", get_upload_folder(), str(Path.home()) + "/", sys.prefix,
-            "site-packages", "Traceback", SECRET]
+
+    return [
+        str(ROOT),
+        tempfile.gettempdir() + "/",
+        get_upload_folder(),
+        str(Path.home()) + "/",
+        sys.prefix,
+        "site-packages",
+        "Traceback",
+        SECRET,
+    ]
 
 
 def assert_clean(message: str) -> None:
@@ -134,8 +145,9 @@ def assert_clean(message: str) -> None:
 
 def normal_job(client: Client, good: tuple[str, str]) -> None:
     """The next user's ordinary job: it must still work."""
-    picture, status, download = client.predict(content=handle_file(good[0]), style=handle_file(good[1]),
-                                               preset="draft", api_name="/stylize")
+    picture, status, download = client.predict(
+        content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize"
+    )
     assert "Done" in status and download == picture
     with Image.open(picture) as png:
         assert max(png.size) == SMALL["draft"]["size"]
@@ -228,6 +240,7 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     """A valid PNG header claiming a huge greyscale image, with a few KB of compressed zeros."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -250,5 +263,8 @@ def progressive(size: tuple[int, int], repeats: int = 0) -> bytes:
 
 
 # Small presets so a run takes seconds: "fine" runs until it is stopped.
-TEST_PRESETS = {"draft": {"size": 64, "steps": 4}, "standard": {"size": 128, "steps": 20},
-                "fine": {"size": 128, "steps": 5000}}
+TEST_PRESETS = {
+    "draft": {"size": 64, "steps": 4},
+    "standard": {"size": 128, "steps": 20},
+    "fine": {"size": 128, "steps": 5000},
+}

@@ -19,8 +19,14 @@ def test_gpu_bench_runs_quick_on_a_cpu(tmp_path):
     photo(512, 384).save(tmp_path / "tubingen.jpg")
     artwork(400, 320).save(tmp_path / "starry_night.jpg")
     env = {**os.environ, "STYLIZE_BENCH_IMAGES": str(tmp_path), "STYLIZE_BENCH_WEIGHTS": "untrained"}
-    result = subprocess.run(["bash", "bench/gpu.sh", "--quick", "--device", "cpu"], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT, env=env)
+    result = subprocess.run(
+        ["bash", "bench/gpu.sh", "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "# weights: untrained" in out

@@ -17,15 +17,20 @@ playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-pytestmark = [pytest.mark.browser, pytest.mark.e2e,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium at /usr/bin/chromium")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium at /usr/bin/chromium"),
+]
 
 
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         yield browser
         browser.close()
 
@@ -158,9 +163,12 @@ def test_in_queue_shows_only_when_someone_is_ahead_and_stop_works_there_too(app,
     assert any("Starting" in status for status in statuses)
     assert not any("queue" in status for status in statuses)  # nobody was ahead
 
-    other = Client(app.local_url, verbose=False).submit(content=handle_file(str(ASSETS / "cat.jpg")),
-                                                      style=handle_file(str(ASSETS / "dots.jpg")), preset="fine",
-                                                      api_name="/stylize")
+    other = Client(app.local_url, verbose=False).submit(
+        content=handle_file(str(ASSETS / "cat.jpg")),
+        style=handle_file(str(ASSETS / "dots.jpg")),
+        preset="fine",
+        api_name="/stylize",
+    )
     next(iter(other))  # someone else's run has the one worker
     page.evaluate("window.statuses = []")
     page.locator("#run").click()
@@ -201,14 +209,17 @@ def test_no_label_is_covered(page):
         box = button.bounding_box()
         if box and box["width"]:
             assert not _overlap(label, box), "the editor's toolbar covers its label"
-    assert page.evaluate("() => { const p = document.querySelector('#mask-label p');"
-                         " return p.scrollWidth <= p.clientWidth; }")  # all of it shown, none cut off
+    assert page.evaluate(
+        "() => { const p = document.querySelector('#mask-label p'); return p.scrollWidth <= p.clientWidth; }"
+    )  # all of it shown, none cut off
 
     page.get_by_text("Fast draft", exact=True).click()
     page.locator("#run").click()
     page.wait_for_selector("#history img")
-    assert not _overlap(page.locator("#history label").first.bounding_box(),
-                        page.locator("#history .thumbnail-item").first.bounding_box())
+    assert not _overlap(
+        page.locator("#history label").first.bounding_box(),
+        page.locator("#history .thumbnail-item").first.bounding_box(),
+    )
 
 
 def test_the_extra_styles_gallery_asks_for_style_images(page):
@@ -254,12 +265,19 @@ def _success_rate(app) -> float | None:  # noqa: F811
 
 
 def _overlap(a: dict, b: dict) -> bool:
-    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
-            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
+    return (
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
 
 
 def _picture_changes(page, previous: str | None) -> str:
     """Wait until the result shows a picture other than `previous`; return its address."""
-    page.wait_for_function("previous => { const img = document.querySelector('#result img');"
-                           " return img && img.src && img.src !== previous; }", arg=previous)
+    page.wait_for_function(
+        "previous => { const img = document.querySelector('#result img');"
+        " return img && img.src && img.src !== previous; }",
+        arg=previous,
+    )
     return page.evaluate("() => document.querySelector('#result img').src")

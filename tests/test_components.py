@@ -7,8 +7,16 @@ from gradio.data_classes import FileData
 from stylize.components import INPUT_MODELS, Number, Page, Radio, RegionEditor, Slider, Upload
 
 
-@pytest.mark.parametrize(("component", "parent"), [(Upload(), gr.Image), (RegionEditor(), gr.ImageEditor),
-                                                  (Slider(), gr.Slider), (Number(), gr.Number), (Radio(), gr.Radio)])
+@pytest.mark.parametrize(
+    ("component", "parent"),
+    [
+        (Upload(), gr.Image),
+        (RegionEditor(), gr.ImageEditor),
+        (Slider(), gr.Slider),
+        (Number(), gr.Number),
+        (Radio(), gr.Radio),
+    ],
+)
 def test_each_component_is_drawn_as_its_gradio_parent(component, parent):
     assert component.get_block_name() == parent().get_block_name()
 
@@ -50,5 +58,6 @@ def test_the_page_amends_the_api_description_and_names_malformed_inputs():
     assert [p["parameter_default"] for p in parameters] == [None, "x"]
     # The names of gradio's input models that Page.preprocess_data says in its message (tests/test_public.py
     # sends malformed ones to a live app).
-    assert {model.__name__ for model in (gr.Image.data_model, gr.Gallery.data_model, gr.ImageEditor.data_model)} \
-        == set(INPUT_MODELS)
+    assert {model.__name__ for model in (gr.Image.data_model, gr.Gallery.data_model, gr.ImageEditor.data_model)} == set(
+        INPUT_MODELS
+    )

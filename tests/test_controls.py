@@ -38,15 +38,21 @@ def test_histogram_mode_recolours_the_style_to_the_photos_palette(content_image,
     photo_mean = np.asarray(content_image, float).reshape(-1, 3).mean(0)
     styled = final_image(content_image, style_image)
     matched = final_image(content_image, style_image, preserve_colors="histogram")
-    gap = {name: np.abs(np.asarray(im, float).reshape(-1, 3).mean(0) - photo_mean).sum()
-           for name, im in [("styled", styled), ("matched", matched)]}
+    gap = {
+        name: np.abs(np.asarray(im, float).reshape(-1, 3).mean(0) - photo_mean).sum()
+        for name, im in [("styled", styled), ("matched", matched)]
+    }
     assert gap["matched"] < 0.5 * gap["styled"]
 
 
 def test_several_styles_blend_in_the_statistics(content_image):
-    red_blue, green = artwork(), Image.fromarray(
-        np.kron(np.indices((12, 12)).sum(0) % 2, np.ones((8, 8)))[..., None].repeat(3, -1).astype(np.uint8)
-        * np.array([30, 220, 60], np.uint8))
+    red_blue, green = (
+        artwork(),
+        Image.fromarray(
+            np.kron(np.indices((12, 12)).sum(0) % 2, np.ones((8, 8)))[..., None].repeat(3, -1).astype(np.uint8)
+            * np.array([30, 220, 60], np.uint8)
+        ),
+    )
     alone = final_image(content_image, red_blue)
     weighted_alone = final_image(content_image, [red_blue, green], style_weights=(1.0, 0.0))
     assert np.array_equal(np.asarray(alone), np.asarray(weighted_alone))
@@ -64,9 +70,18 @@ def dominant_frequency(image: Image.Image) -> float:
 
 
 def test_style_scale_sets_the_size_of_the_texture():
-    texture = {scale: final_image(photo(128, 128), artwork(128, 128, period=16), size=128, steps=60,
-                                  style_scale=scale, init="noise", content_strength=0)
-               for scale in (0.5, 2.0)}
+    texture = {
+        scale: final_image(
+            photo(128, 128),
+            artwork(128, 128, period=16),
+            size=128,
+            steps=60,
+            style_scale=scale,
+            init="noise",
+            content_strength=0,
+        )
+        for scale in (0.5, 2.0)
+    }
     assert dominant_frequency(texture[0.5]) > 1.5 * dominant_frequency(texture[2.0])
 
 
@@ -96,11 +111,14 @@ def content_error(image: Image.Image, content: Image.Image) -> float:
     return mean_abs(image.convert("L"), content.convert("L"))
 
 
-@pytest.mark.parametrize(("knob", "low", "high", "measure"), [
-    ("content_strength", 0.2, 5.0, lambda im, c, s: content_error(im, c)),
-    ("style_strength", 0.2, 5.0, lambda im, c, s: style_distance(im, s)),
-    ("smoothing", 0.0, 10.0, lambda im, c, s: tv_loss(to_tensor(im)).item()),
-])
+@pytest.mark.parametrize(
+    ("knob", "low", "high", "measure"),
+    [
+        ("content_strength", 0.2, 5.0, lambda im, c, s: content_error(im, c)),
+        ("style_strength", 0.2, 5.0, lambda im, c, s: style_distance(im, s)),
+        ("smoothing", 0.0, 10.0, lambda im, c, s: tv_loss(to_tensor(im)).item()),
+    ],
+)
 def test_strength_controls_move_the_result_the_expected_way(knob, low, high, measure, content_image, style_image):
     """More content strength: closer to the photo. More style: closer to the style. More smoothing: smoother."""
     weak = final_image(content_image, style_image, **{knob: low})
@@ -108,10 +126,19 @@ def test_strength_controls_move_the_result_the_expected_way(knob, low, high, mea
     assert measure(strong, content_image, style_image) < measure(weak, content_image, style_image)
 
 
-@pytest.mark.parametrize("extreme", [
-    {"content_strength": 0}, {"content_strength": 10}, {"style_strength": 0}, {"style_strength": 10},
-    {"smoothing": 0}, {"smoothing": 10}, {"style_scale": 0.25}, {"style_scale": 2},
-])
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"content_strength": 0},
+        {"content_strength": 10},
+        {"style_strength": 0},
+        {"style_strength": 10},
+        {"smoothing": 0},
+        {"smoothing": 10},
+        {"style_scale": 0.25},
+        {"style_scale": 2},
+    ],
+)
 def test_every_value_in_range_gives_a_sensible_picture(extreme, content_image, style_image):
     image = np.asarray(final_image(content_image, style_image, **extreme), float)
     assert np.isfinite(image).all() and image.std() > 5  # not blank, not a flat colour

@@ -42,6 +42,7 @@ def pictures(tmp_path_factory) -> tuple[str, str]:
 
 # --- ZeroGPU ------------------------------------------------------------------------------------
 
+
 def test_the_real_spaces_package_decorates_the_run():
     """With `spaces` installed (as on every Space), its GPU decorator is the one in use; outside ZeroGPU it
     leaves the run a plain generator, so the app's other tests (build, stream, stop) run through it."""
@@ -69,8 +70,14 @@ print("built for", stylize.ui.device_kind())
 
 def test_building_the_app_initialises_no_cuda():
     """ZeroGPU's rule: nothing CUDA at start-up (the main process has no GPU; runs borrow one)."""
-    result = subprocess.run([sys.executable, "-c", BUILD_WITH_FAKE_CUDA], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_WITH_FAKE_CUDA],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "built for gpu" in result.stdout  # it took CUDA to be there, without touching it
 
@@ -84,6 +91,7 @@ def test_what_a_run_sends_back_pickles():
 
 
 # --- several GPUs -------------------------------------------------------------------------------
+
 
 def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
     """STYLIZE_CONCURRENCY=2 on a machine that says it has two GPUs: the two runs that go at once go to different
@@ -104,8 +112,12 @@ def test_runs_at_once_each_get_their_own_gpu(tmp_path, monkeypatch, pictures):
 
         monkeypatch.setattr(stylize.jobs, "transfer", on_the_cpu)
         clients = [Client(app.local_url, verbose=False) for _ in range(2)]
-        inputs = {"content": handle_file(pictures[0]), "style": handle_file(pictures[1]), "preset": "draft",
-                  "api_name": "/stylize"}
+        inputs = {
+            "content": handle_file(pictures[0]),
+            "style": handle_file(pictures[1]),
+            "preset": "draft",
+            "api_name": "/stylize",
+        }
         jobs = [client.submit(**inputs) for client in clients]
         with started:
             assert started.wait_for(lambda: len(asked) == 2, timeout=60)  # both at once
@@ -137,6 +149,7 @@ def test_one_gpu_or_none_leaves_the_choice_to_the_engine(monkeypatch):
 
 
 # --- MCP ----------------------------------------------------------------------------------------
+
 
 def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
     pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
@@ -184,12 +197,20 @@ def test_an_assistant_calls_the_mcp_tool_with_pictures_and_gets_the_picture(tmp_
 
 # --- the README ---------------------------------------------------------------------------------
 
+
 def test_python_app_py_says_what_it_does_at_start_up_and_times_the_server_in_the_background(tmp_path):
     """It used to show torch's download line, then nothing for the length of an unannounced timing run."""
-    env = {**os.environ, "STYLIZE_WEIGHTS": "untrained", "GRADIO_SERVER_PORT": "7871", "GRADIO_SSR_MODE": "false",
-           "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(tmp_path)}
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "STYLIZE_WEIGHTS": "untrained",
+        "GRADIO_SERVER_PORT": "7871",
+        "GRADIO_SSR_MODE": "false",
+        "PYTHONUNBUFFERED": "1",
+        "GRADIO_TEMP_DIR": str(tmp_path),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: list[str] = []
     try:
         for line in server.stdout:
@@ -200,11 +221,14 @@ def test_python_app_py_says_what_it_does_at_start_up_and_times_the_server_in_the
         server.terminate()
         server.wait(timeout=30)
     said = "".join(lines)
-    steps = ["Loading the VGG19 weights", "Degraded mode", "Timing this server in the background",
-             "Running on local URL"]
+    steps = [
+        "Loading the VGG19 weights",
+        "Degraded mode",
+        "Timing this server in the background",
+        "Running on local URL",
+    ]
     assert all(step in said for step in steps), said
     assert sorted(steps, key=said.index) == steps, said  # in this order: the page is up while the timing runs
-
 
 
 def readme_section(title: str) -> str:
@@ -227,8 +251,11 @@ def test_the_readmes_python_example_works(tmp_path, pictures):
 
 
 def test_the_readmes_preset_sizes_are_the_apps():
-    rows = {row.split("|")[1].strip().split(" ")[0]: row for row in readme_section(
-        "Deploy on Hugging Face Spaces").splitlines() if row.startswith("| ") and " px |" in row}
+    rows = {
+        row.split("|")[1].strip().split(" ")[0]: row
+        for row in readme_section("Deploy on Hugging Face Spaces").splitlines()
+        if row.startswith("| ") and " px |" in row
+    }
     for hardware, kind in (("CPU", "cpu"), ("GPU", "gpu"), ("ZeroGPU", "gpu")):
         sizes = " / ".join(str(PRESETS[kind][name]["size"]) for name in PRESET_NAMES)
         assert f"| {sizes} px |" in rows[hardware], hardware

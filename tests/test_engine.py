@@ -37,8 +37,10 @@ def test_result_moves_towards_the_style_and_keeps_the_content(content_image, sty
     assert result.size == (96, 72)
     assert style_distance(result, style_image) < 0.5 * style_distance(content_image, style_image)
     # Structure: the result's brightness still follows the photo's (the disc, the gradient).
-    grey = [np.asarray(im.convert("L").resize((24, 18), Image.Resampling.BOX), float).ravel()
-            for im in (result, content_image)]
+    grey = [
+        np.asarray(im.convert("L").resize((24, 18), Image.Resampling.BOX), float).ravel()
+        for im in (result, content_image)
+    ]
     assert np.corrcoef(*grey)[0, 1] > 0.5
 
 
@@ -142,14 +144,23 @@ def test_each_scale_gets_fewer_steps_than_the_one_before():
     assert all(a > b for a, b in zip(counts, counts[1:], strict=False))
 
 
-@pytest.mark.parametrize(("bad", "message"), [
-    ({"size": 10}, "size must be between 64 and 8192"), ({"size": 100000}, "size"),
-    ({"steps": -5}, "steps"), ({"steps": 2.5}, "whole number"), ({"style_strength": float("nan")}, "finite"),
-    ({"style_strength": -1}, "style_strength"), ({"content_strength": float("inf")}, "content_strength"),
-    ({"optimizer": "sgd"}, "lbfgs, adam"), ({"preserve_colors": "sepia"}, "preserve_colors"),
-    ({"content_layer": "relu9_9"}, "not a VGG19 layer"), ({"style_layer_weights": (1.0,)}, "one weight per"),
-    ({"size": "big"}, "size must be a number"),
-])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"size": 10}, "size must be between 64 and 8192"),
+        ({"size": 100000}, "size"),
+        ({"steps": -5}, "steps"),
+        ({"steps": 2.5}, "whole number"),
+        ({"style_strength": float("nan")}, "finite"),
+        ({"style_strength": -1}, "style_strength"),
+        ({"content_strength": float("inf")}, "content_strength"),
+        ({"optimizer": "sgd"}, "lbfgs, adam"),
+        ({"preserve_colors": "sepia"}, "preserve_colors"),
+        ({"content_layer": "relu9_9"}, "not a VGG19 layer"),
+        ({"style_layer_weights": (1.0,)}, "one weight per"),
+        ({"size": "big"}, "size must be a number"),
+    ],
+)
 def test_bad_settings_are_refused_with_a_message_that_says_what_is_allowed(bad, message):
     with pytest.raises(SettingsError, match=message):
         Settings(**bad)

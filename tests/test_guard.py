@@ -35,8 +35,10 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(
     with pytest.raises(SettingsError) as error:
         clock.check(PHOTO, fine, "Fine")
     message = str(error.value)
-    assert message.startswith(f"A 2048 px picture with the Fine preset would take about {seconds / 60:.0f} min on "
-                              "this server; the limit is 5 min. Choose ")
+    assert message.startswith(
+        f"A 2048 px picture with the Fine preset would take about {seconds / 60:.0f} min on "
+        "this server; the limit is 5 min. Choose "
+    )
     fits = int(message.split("Choose ")[1].split(" px")[0])
     assert fits % 32 == 0
     assert clock.estimate(PHOTO, Settings(size=fits, steps=400)) <= 300
@@ -48,7 +50,8 @@ def test_a_job_costs_its_steps_and_its_pixels():
     clock = JobClock(StepSpeed(fixed=0.5, per_pixel=1e-6))
     scales = plan(PHOTO, Settings(size=512, steps=250))
     assert clock.estimate(PHOTO, Settings(size=512, steps=250)) == pytest.approx(
-        0.5 * 250 + 1e-6 * sum(scale.steps * scale.step_cost for scale in scales))
+        0.5 * 250 + 1e-6 * sum(scale.steps * scale.step_cost for scale in scales)
+    )
 
 
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
@@ -113,19 +116,22 @@ def test_the_clock_estimates_a_real_job_from_its_background_timing(caplog):
     assert real / 1.5 < estimate < real * 1.5, (estimate, real)
 
 
-@pytest.mark.parametrize(("trusted", "peer", "forwarded", "session", "client"), [
-    ("", "93.184.216.34", "151.101.1.69", "s1", "93.184.216.34"),  # straight from the internet: its own address
-    ("", "127.0.0.1", "151.101.1.69", "s1", "session s1"),  # a local proxy nobody trusts (Node): the session
-    ("", "10.1.2.3", "151.101.1.69", "s1", "session s1"),  # nor one on the private network
-    ("", "127.0.0.1", "151.101.1.69", None, guard_module.UNIDENTIFIED),  # an upload through it: all such together
-    ("1", "127.0.0.1", "6.6.6.6, 151.101.1.69", "s1", "151.101.1.69"),  # a Space: what its proxy appended
-    ("1", "10.1.2.3", "", "s1", "session s1"),  # no proxy on the way after all: the peer, a local one
-    ("2", "127.0.0.1", "6.6.6.6, 151.101.1.69, 10.0.0.5", "s1", "151.101.1.69"),  # two proxies that append
-    ("127.0.0.1, 10.0.0.0/8", "127.0.0.1", "6.6.6.6, 151.101.1.69, 10.0.0.5", "s1", "151.101.1.69"),
-    ("127.0.0.1", "93.184.216.34", "151.101.1.69", "s1", "93.184.216.34"),  # the header from an untrusted peer
-    ("127.0.0.1", "127.0.0.1", "junk", "s1", "junk"),  # what a trusted proxy says, even if odd
-    ("", None, "", None, guard_module.UNIDENTIFIED),
-])
+@pytest.mark.parametrize(
+    ("trusted", "peer", "forwarded", "session", "client"),
+    [
+        ("", "93.184.216.34", "151.101.1.69", "s1", "93.184.216.34"),  # straight from the internet: its own address
+        ("", "127.0.0.1", "151.101.1.69", "s1", "session s1"),  # a local proxy nobody trusts (Node): the session
+        ("", "10.1.2.3", "151.101.1.69", "s1", "session s1"),  # nor one on the private network
+        ("", "127.0.0.1", "151.101.1.69", None, guard_module.UNIDENTIFIED),  # an upload through it: all such together
+        ("1", "127.0.0.1", "6.6.6.6, 151.101.1.69", "s1", "151.101.1.69"),  # a Space: what its proxy appended
+        ("1", "10.1.2.3", "", "s1", "session s1"),  # no proxy on the way after all: the peer, a local one
+        ("2", "127.0.0.1", "6.6.6.6, 151.101.1.69, 10.0.0.5", "s1", "151.101.1.69"),  # two proxies that append
+        ("127.0.0.1, 10.0.0.0/8", "127.0.0.1", "6.6.6.6, 151.101.1.69, 10.0.0.5", "s1", "151.101.1.69"),
+        ("127.0.0.1", "93.184.216.34", "151.101.1.69", "s1", "93.184.216.34"),  # the header from an untrusted peer
+        ("127.0.0.1", "127.0.0.1", "junk", "s1", "junk"),  # what a trusted proxy says, even if odd
+        ("", None, "", None, guard_module.UNIDENTIFIED),
+    ],
+)
 def test_who_a_client_is(monkeypatch, trusted, peer, forwarded, session, client):
     monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, trusted_proxies=trusted))
     assert client_of(peer, {"x-forwarded-for": forwarded} if forwarded else {}, session) == client
@@ -135,26 +141,49 @@ def test_forged_forwarded_addresses_make_no_new_visitors(monkeypatch):
     """Only what the configured proxies appended counts: a visitor may write any X-Forwarded-For of their own."""
     for trusted, real in [("", "session s1"), ("1", "151.101.1.69")]:
         monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, trusted_proxies=trusted))
-        forged = {client_of("127.0.0.1", {"x-forwarded-for": f"{made_up}, 151.101.1.69" if trusted else made_up},
-                            "s1") for made_up in ("1.1.1.1", "2.2.2.2", "151.101.9.9", "1.1.1.1, 2.2.2.2")}
+        forged = {
+            client_of("127.0.0.1", {"x-forwarded-for": f"{made_up}, 151.101.1.69" if trusted else made_up}, "s1")
+            for made_up in ("1.1.1.1", "2.2.2.2", "151.101.9.9", "1.1.1.1, 2.2.2.2")
+        }
         assert forged == {real}
 
 
 def test_a_space_trusts_its_one_proxy_by_default():
     assert guard_module.Limits.from_env({"SPACE_ID": "someone/stylize"}).trusted_proxies == "1"
     assert guard_module.Limits.from_env({}).trusted_proxies == ""
-    assert guard_module.Limits.from_env({"SPACE_ID": "someone/stylize", "STYLIZE_TRUSTED_PROXIES": "10.0.0.0/8"}
-                                        ).trusted_proxies == "10.0.0.0/8"
+    assert (
+        guard_module.Limits.from_env(
+            {"SPACE_ID": "someone/stylize", "STYLIZE_TRUSTED_PROXIES": "10.0.0.0/8"}
+        ).trusted_proxies
+        == "10.0.0.0/8"
+    )
 
 
 def test_the_limits_are_read_once_from_the_environment_into_one_frozen_object():
-    limits = guard_module.Limits.from_env({
-        "STYLIZE_MAX_JOB_SECONDS": "60", "STYLIZE_JOBS_PER_CLIENT": "3", "STYLIZE_MAX_JOB_MEGAPIXELS": "1.5",
-        "STYLIZE_CLIENT_STORAGE_MB": "2", "STYLIZE_STORAGE_MB": "10", "STYLIZE_KEEP_FILES_SECONDS": "0",
-        "STYLIZE_MAX_SIZE": "6144", "STYLIZE_CONCURRENCY": "4", "STYLIZE_QUEUE_SIZE": "5"})
-    assert limits == guard_module.Limits(max_job_seconds=60, jobs_per_client=3, max_job_pixels=1_500_000,
-                                         client_storage=2 * 2**20, storage=10 * 2**20, keep_seconds=1,
-                                         max_size=6144, concurrency=4, queue_size=5)
+    limits = guard_module.Limits.from_env(
+        {
+            "STYLIZE_MAX_JOB_SECONDS": "60",
+            "STYLIZE_JOBS_PER_CLIENT": "3",
+            "STYLIZE_MAX_JOB_MEGAPIXELS": "1.5",
+            "STYLIZE_CLIENT_STORAGE_MB": "2",
+            "STYLIZE_STORAGE_MB": "10",
+            "STYLIZE_KEEP_FILES_SECONDS": "0",
+            "STYLIZE_MAX_SIZE": "6144",
+            "STYLIZE_CONCURRENCY": "4",
+            "STYLIZE_QUEUE_SIZE": "5",
+        }
+    )
+    assert limits == guard_module.Limits(
+        max_job_seconds=60,
+        jobs_per_client=3,
+        max_job_pixels=1_500_000,
+        client_storage=2 * 2**20,
+        storage=10 * 2**20,
+        keep_seconds=1,
+        max_size=6144,
+        concurrency=4,
+        queue_size=5,
+    )
     assert guard_module.Limits.from_env({}) == guard_module.Limits()
     assert limits.sweep_seconds == 1 and guard_module.Limits().sweep_seconds == 600
     assert guard_module.max_size(gpu=True) == (guard_module.LIMITS.max_size or 4096)
@@ -196,6 +225,7 @@ def test_start_up_sweeps_what_an_earlier_process_left(tmp_path, monkeypatch):
     async def start_and_stop():
         async with sweeping(str(tmp_path))(None):
             return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
     assert asyncio.run(start_and_stop()) == ["recent", "recent/result.png"]
 
 
@@ -213,8 +243,14 @@ def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_p
 
     async def join(middleware: Guard, client: str, statuses: list) -> None:
         body = json.dumps({"data": [], "session_hash": uuid.uuid4().hex}).encode()
-        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "app": None,
-                 "headers": [(b"x-forwarded-for", client.encode())], "client": ("127.0.0.1", 40000)}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/gradio_api/queue/join",
+            "app": None,
+            "headers": [(b"x-forwarded-for", client.encode())],
+            "client": ("127.0.0.1", 40000),
+        }
 
         async def receive():
             return {"type": "http.request", "body": body, "more_body": False}
@@ -222,6 +258,7 @@ def test_a_burst_of_joins_from_one_client_gets_only_its_share_of_the_queue(tmp_p
         async def send(message):
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
+
         await middleware(scope, receive, send)
 
     async def burst() -> tuple[list, list]:
@@ -255,14 +292,23 @@ def test_a_request_over_the_size_limit_is_refused_whether_or_not_more_is_coming(
 
     async def post() -> list:
         sent = []
-        scope = {"type": "http", "method": "POST", "path": "/gradio_api/queue/join", "headers": [], "app": None,
-                 "client": ("127.0.0.1", 40000)}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/gradio_api/queue/join",
+            "headers": [],
+            "app": None,
+            "client": ("127.0.0.1", 40000),
+        }
 
         async def send(message):
             sent.append(message)
-        await asyncio.wait_for(Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send),
-                               timeout=30)
+
+        await asyncio.wait_for(
+            Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send), timeout=30
+        )
         return sent
+
     sent = asyncio.run(post())
     assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["detail"] == "The request is too large."
     assert not messages  # all of it read
@@ -278,16 +324,24 @@ def call(tmp_path, method: str, path: str, headers: dict | None = None, body: by
 
     async def run() -> list:
         sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
-        scope = {"type": "http", "method": method, "path": path, "app": None, "client": ("127.0.0.1", 40000),
-                 "headers": [(key.encode(), value.encode()) for key, value in (headers or {}).items()]}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "app": None,
+            "client": ("127.0.0.1", 40000),
+            "headers": [(key.encode(), value.encode()) for key, value in (headers or {}).items()],
+        }
 
         async def receive():
             return messages.pop(0) if messages else {"type": "http.disconnect"}
 
         async def send(message):
             sent.append(message)
+
         await Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send)
         return sent
+
     sent = asyncio.run(run())
     return sent[0]["status"], json.loads(sent[1]["body"]).get("detail", ""), seen
 
@@ -299,11 +353,17 @@ def test_deeply_nested_json_is_refused_with_a_message(tmp_path, path):
     assert call(tmp_path, "POST", path, body=b'{"data": [[[1]]]}')[0] == 200
 
 
-@pytest.mark.parametrize(("asked", "passed"), [
-    ("bytes=0-99", True), ("bytes=100-", True), ("bytes=-100", True),
-    ("bytes=" + ",".join(f"{i * 10}-{i * 10 + 5}" for i in range(150)), False),  # gradio's file route: a 500
-    ("bytes=0-1,5-9", False), ("bytes=1-2-3", False),
-])
+@pytest.mark.parametrize(
+    ("asked", "passed"),
+    [
+        ("bytes=0-99", True),
+        ("bytes=100-", True),
+        ("bytes=-100", True),
+        ("bytes=" + ",".join(f"{i * 10}-{i * 10 + 5}" for i in range(150)), False),  # gradio's file route: a 500
+        ("bytes=0-1,5-9", False),
+        ("bytes=1-2-3", False),
+    ],
+)
 def test_a_range_of_several_parts_is_ignored(tmp_path, asked, passed):
     status, _, seen = call(tmp_path, "GET", "/gradio_api/file=x.png", {"range": asked})
     assert status == 200 and ("range" in seen) is passed
@@ -315,13 +375,20 @@ def upload(tmp_path, middleware: Guard, size: int) -> int:
         path.parent.mkdir()
         path.write_bytes((await receive())["body"])
         await JSONResponse([str(path)])(scope, receive, send)
+
     middleware.app = app
     body = b"x" * size
     statuses = []
 
     async def run():
-        scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload", "app": None,
-                 "client": ("93.184.216.34", 40000), "headers": [(b"content-length", str(size).encode())]}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/gradio_api/upload",
+            "app": None,
+            "client": ("93.184.216.34", 40000),
+            "headers": [(b"content-length", str(size).encode())],
+        }
 
         async def receive():
             return {"type": "http.request", "body": body, "more_body": False}
@@ -329,7 +396,9 @@ def upload(tmp_path, middleware: Guard, size: int) -> int:
         async def send(message):
             if message["type"] == "http.response.start":
                 statuses.append(message["status"])
+
         await middleware(scope, receive, send)
+
     asyncio.run(run())
     return statuses[0]
 

@@ -23,19 +23,22 @@ def write(tmp_path, name: str, data: bytes):
 GOOD = Image.new("RGB", (64, 48), (10, 120, 200))
 
 
-@pytest.mark.parametrize(("name", "data", "message"), [
-    ("notes.png", b"just some text, renamed", "not an image"),
-    ("page.png", b"<!doctype html><html><body>hi</body></html>", "not an image"),
-    ("empty.jpg", b"", "empty"),
-    ("cut.jpg", encoded(Image.effect_noise((256, 256), 50).convert("RGB"), "JPEG")[:1500], "truncated or corrupt"),
-    ("cut.png", encoded(Image.effect_noise((256, 256), 50).convert("RGB"), "PNG")[:3000], "truncated or corrupt"),
-    ("bomb.png", png_bomb(), "megapixels"),
-    ("tiny.png", encoded(Image.new("RGB", (1, 1)), "PNG"), "at least 16 pixels"),
-    ("small.png", encoded(Image.new("RGB", (8, 8)), "PNG"), "at least 16 pixels"),
-    ("thin.png", encoded(Image.new("RGB", (4000, 10)), "PNG"), "at least 16 pixels"),
-    ("strip.png", encoded(Image.new("RGB", (4000, 40)), "PNG"), "Crop it"),
-    ("icon.ico", encoded(Image.new("RGB", (32, 32)), "ICO"), "in ICO format"),
-])
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("notes.png", b"just some text, renamed", "not an image"),
+        ("page.png", b"<!doctype html><html><body>hi</body></html>", "not an image"),
+        ("empty.jpg", b"", "empty"),
+        ("cut.jpg", encoded(Image.effect_noise((256, 256), 50).convert("RGB"), "JPEG")[:1500], "truncated or corrupt"),
+        ("cut.png", encoded(Image.effect_noise((256, 256), 50).convert("RGB"), "PNG")[:3000], "truncated or corrupt"),
+        ("bomb.png", png_bomb(), "megapixels"),
+        ("tiny.png", encoded(Image.new("RGB", (1, 1)), "PNG"), "at least 16 pixels"),
+        ("small.png", encoded(Image.new("RGB", (8, 8)), "PNG"), "at least 16 pixels"),
+        ("thin.png", encoded(Image.new("RGB", (4000, 10)), "PNG"), "at least 16 pixels"),
+        ("strip.png", encoded(Image.new("RGB", (4000, 40)), "PNG"), "Crop it"),
+        ("icon.ico", encoded(Image.new("RGB", (32, 32)), "ICO"), "in ICO format"),
+    ],
+)
 def test_bad_files_are_refused_with_a_message_that_says_what_to_do(tmp_path, name, data, message):
     path = write(tmp_path, name, data)
     with pytest.raises(ImageError, match=message):
@@ -69,15 +72,18 @@ def rgb(path) -> np.ndarray:
     return np.asarray(image).astype(int)
 
 
-@pytest.mark.parametrize(("image", "fmt", "expected"), [
-    (Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", (237, 28, 36)),  # CMYK red, roughly
-    (Image.new("L", (32, 32), 128), "PNG", (128, 128, 128)),
-    (Image.new("P", (32, 32), 0), "PNG", (0, 0, 0)),
-    (Image.new("RGBA", (32, 32), (255, 0, 0, 0)), "PNG", (255, 255, 255)),  # transparent: white
-    (Image.new("RGBA", (32, 32), (255, 0, 0, 255)), "WEBP", (255, 0, 0)),
-    (Image.new("LA", (32, 32), (0, 255)), "PNG", (0, 0, 0)),
-    (Image.new("I;16", (32, 32), 65535 // 2), "PNG", (128, 128, 128)),  # 16-bit: scaled, not clipped
-])
+@pytest.mark.parametrize(
+    ("image", "fmt", "expected"),
+    [
+        (Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", (237, 28, 36)),  # CMYK red, roughly
+        (Image.new("L", (32, 32), 128), "PNG", (128, 128, 128)),
+        (Image.new("P", (32, 32), 0), "PNG", (0, 0, 0)),
+        (Image.new("RGBA", (32, 32), (255, 0, 0, 0)), "PNG", (255, 255, 255)),  # transparent: white
+        (Image.new("RGBA", (32, 32), (255, 0, 0, 255)), "WEBP", (255, 0, 0)),
+        (Image.new("LA", (32, 32), (0, 255)), "PNG", (0, 0, 0)),
+        (Image.new("I;16", (32, 32), 65535 // 2), "PNG", (128, 128, 128)),  # 16-bit: scaled, not clipped
+    ],
+)
 def test_unusual_modes_decode_to_sensible_rgb(tmp_path, image, fmt, expected):
     pixels = rgb(write(tmp_path, f"x.{fmt.lower()}", encoded(image, fmt)))
     assert np.abs(pixels.reshape(-1, 3).mean(0) - expected).max() < 40
@@ -114,8 +120,9 @@ def test_a_format_this_app_does_not_take_is_named_without_a_wrong_article(tmp_pa
 
 
 @pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
-@pytest.mark.parametrize(("kind", "prefix"), [(b"zTXt", b"Comment\0\0"), (b"iTXt", b"Comment\0\1\0\0\0"),
-                                              (b"iCCP", b"profile\0\0")])
+@pytest.mark.parametrize(
+    ("kind", "prefix"), [(b"zTXt", b"Comment\0\0"), (b"iTXt", b"Comment\0\1\0\0\0"), (b"iCCP", b"profile\0\0")]
+)
 def test_a_metadata_bomb_is_refused_as_metadata_too_large(kind, prefix, where):
     """A compressed text or colour-profile chunk of 200 KB that would inflate to 200 MB."""
     bomb = chunk(kind, prefix + zlib.compress(b"a" * 200_000_000, 9))
@@ -148,7 +155,7 @@ def test_a_jpeg_header_without_image_data_is_refused_as_truncated():
     """Pillow decodes a header claiming 6000x6000 followed by the end marker to a flat grey picture."""
     full = encoded(Image.new("RGB", (6000, 6000), (100, 100, 100)), "JPEG", quality=50)
     start = full.index(b"\xff\xda")
-    header = full[:start + 2 + int.from_bytes(full[start + 2:start + 4], "big")]
+    header = full[: start + 2 + int.from_bytes(full[start + 2 : start + 4], "big")]
     for data in (header + b"\xff\xd9", header + b"\x12\x34" * 8 + b"\xff\xd9"):
         assert len(data) < 1000
         with pytest.raises(ImageError, match="truncated or corrupt"):
@@ -173,6 +180,7 @@ def test_the_opacity_of_a_painted_layer():
 
 # --- decoding itself is bounded ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def decoders(monkeypatch):
     """The decoding processes this test starts, in order; a stall that the header checks let through (they race
@@ -183,6 +191,7 @@ def decoders(monkeypatch):
     def watched():
         started.append(take())
         return started[-1]
+
     monkeypatch.setattr(decoding.DECODERS, "take", watched)
     monkeypatch.setattr(images_module, "MAX_SCANS", 10**6)
     return started
@@ -211,6 +220,7 @@ def test_a_file_that_stalls_the_decoder_is_killed_at_its_deadline(decoders, monk
         while not gone(decoders[0].pid) and seen.get("Max cpu time", "unlimited") == "unlimited":
             seen.update(limits(decoders[0].pid))
             time.sleep(0.02)
+
     watcher = threading.Thread(target=look)
     watcher.start()
     started = time.monotonic()

@@ -77,8 +77,11 @@ def tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float64) / 255).permute(2, 0, 1)[None]
 
 
-@pytest.mark.parametrize("strengths", [{}, {"content_strength": 2.5, "style_strength": 0.4, "smoothing": 3.0}],
-                         ids=["strength 1", "other strengths"])
+@pytest.mark.parametrize(
+    "strengths",
+    [{}, {"content_strength": 2.5, "style_strength": 0.4, "smoothing": 3.0}],
+    ids=["strength 1", "other strengths"],
+)
 def test_imagenet_weights_compute_the_reference_objective(torchvision_file, strengths):
     content, style = photo(64, 48), artwork(64, 48, period=6)
     start = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
@@ -95,8 +98,11 @@ def test_imagenet_weights_compute_the_reference_objective(torchvision_file, stre
     padded = torch.nn.functional.pad(x, (0, 1, 0, 1), mode="replicate")
     dx, dy = padded[..., :-1, 1:] - padded[..., :-1, :-1], padded[..., 1:, :-1] - padded[..., :-1, :-1]
     tv_term = float((dx**2 + dy**2).mean())
-    total = (CONTENT_WEIGHT * strengths.get("content_strength", 1) * content_term
-             + strengths.get("style_strength", 1) * style_term + TV_WEIGHT * strengths.get("smoothing", 1) * tv_term)
+    total = (
+        CONTENT_WEIGHT * strengths.get("content_strength", 1) * content_term
+        + strengths.get("style_strength", 1) * style_term
+        + TV_WEIGHT * strengths.get("smoothing", 1) * tv_term
+    )
 
     assert losses["content"] == pytest.approx(content_term, rel=1e-4)
     assert losses["style"] == pytest.approx(style_term, rel=2e-3)
@@ -147,8 +153,10 @@ def test_newton_schulz_iterations_give_the_eigendecomposition_s_square_root_trac
     spread = (basis * torch.logspace(0, -6, 48, dtype=torch.float64)) @ basis.T
     assert _TraceSqrtNewtonSchulz.apply(spread).item() == pytest.approx(_TraceSqrt.apply(spread).item(), rel=1e-4)
     conditioned = ((basis * torch.linspace(1, 0.05, 48, dtype=torch.float64)) @ basis.T).requires_grad_(True)
-    gradients = [torch.autograd.grad(method.apply(conditioned), conditioned)[0]
-                 for method in (_TraceSqrtNewtonSchulz, _TraceSqrt)]
+    gradients = [
+        torch.autograd.grad(method.apply(conditioned), conditioned)[0]
+        for method in (_TraceSqrtNewtonSchulz, _TraceSqrt)
+    ]
     assert torch.allclose(*gradients, rtol=1e-5, atol=1e-8)
 
 
@@ -157,7 +165,6 @@ def test_a_style_matched_exactly_costs_nothing():
     assert style_loss(s, StyleTarget.of(gaussian(s))).item() == pytest.approx(0, abs=1e-12)
     shifted = Gaussian(gaussian(s).mean + 1, gaussian(s).cov)
     assert style_loss(s, StyleTarget.of(shifted)).item() == pytest.approx(1.0)  # mean term: mean of 1²
-
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["whole", "masked"])

@@ -13,12 +13,15 @@ from stylize.vgg import feature_extractor
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("flags", "native"), [
-    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),  # Cooper Lake and later Xeons
-    ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),
-    ("fpu sse2 avx2 fma", False),  # AVX2 only: bfloat16 is emulated, slower than float32
-    ("fpu sse2 avx2 avx512f avx512_vnni", False),
-])
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),  # Cooper Lake and later Xeons
+        ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),
+        ("fpu sse2 avx2 fma", False),  # AVX2 only: bfloat16 is emulated, slower than float32
+        ("fpu sse2 avx2 avx512f avx512_vnni", False),
+    ],
+)
 def test_bf16_counts_as_native_only_with_its_instructions(tmp_path, flags, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
@@ -65,13 +68,17 @@ def test_same_settings_and_precision_give_the_same_pixels():
     assert np.array_equal(first, again)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and not cpu_has_native_bf16(),
-                    reason="bfloat16 is emulated on this CPU (minutes; the app runs fp32 here)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not cpu_has_native_bf16(),
+    reason="bfloat16 is emulated on this CPU (minutes; the app runs fp32 here)",
+)
 def test_bf16_paints_as_well_as_fp32():
     """Judged in fp32: textures land elsewhere (the optimization is chaotic), but as close to the style."""
     content, style = photo(), artwork()
-    pictures = {p: list(transfer(content, style, Settings(precision=p, size=96, steps=30)))[-1].image()
-                for p in ("fp32", "bf16")}
+    pictures = {
+        p: list(transfer(content, style, Settings(precision=p, size=96, steps=30)))[-1].image()
+        for p in ("fp32", "bf16")
+    }
     assert style_distance(pictures["bf16"], style) == pytest.approx(style_distance(pictures["fp32"], style), rel=0.2)
     assert style_distance(pictures["bf16"], style) < 0.5 * style_distance(content, style)
 

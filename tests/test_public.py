@@ -57,17 +57,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not Path("/proc/self/status").
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    with live_app(SMALL, tmp_path_factory.mktemp("examples"), max_job_seconds=guard.LIMITS.max_job_seconds,
-                  HF_TOKEN=SECRET) as demo:
+    with live_app(
+        SMALL, tmp_path_factory.mktemp("examples"), max_job_seconds=guard.LIMITS.max_job_seconds, HF_TOKEN=SECRET
+    ) as demo:
         yield demo
 
 
 def cache() -> Path:
     from gradio.utils import get_upload_folder
+
     return Path(get_upload_folder())
 
 
 # --- files that would stall the worker or lie about themselves ------------------------------------------------
+
 
 def metadata_bomb() -> bytes:
     png = encoded(photo(), "PNG")
@@ -79,12 +82,16 @@ def jpeg_header() -> bytes:
     """A JPEG's header claiming 6000x6000 pixels, and its end marker: no image data at all."""
     full = encoded(Image.new("RGB", (6000, 6000), (100, 100, 100)), "JPEG", quality=50)
     start = full.index(b"\xff\xda")
-    return full[:start + 2 + int.from_bytes(full[start + 2:start + 4], "big")] + b"\xff\xd9"
+    return full[: start + 2 + int.from_bytes(full[start + 2 : start + 4], "big")] + b"\xff\xd9"
 
 
 FILES = [
-    ("scans.jpg", lambda: progressive((2000, 2000), repeats=5000), "content",
-     "The photo is a JPEG in 5010 scans (progressive layers); the limit is 100."),
+    (
+        "scans.jpg",
+        lambda: progressive((2000, 2000), repeats=5000),
+        "content",
+        "The photo is a JPEG in 5010 scans (progressive layers); the limit is 100.",
+    ),
     ("comment.png", metadata_bomb, "style", "The style artwork's metadata (text or colour profile) is too large"),
     ("header.jpg", jpeg_header, "content", "The photo file is truncated or corrupt"),
     ("icon.ico", lambda: encoded(Image.new("RGB", (32, 32)), "ICO"), "style", "The style artwork is in ICO format."),
@@ -92,8 +99,9 @@ FILES = [
 
 
 @pytest.mark.parametrize(("name", "make", "field", "message"), FILES, ids=[case[0] for case in FILES])
-def test_files_that_would_stall_or_fool_the_decoder_are_refused(client, good, folder, engine_runs, name, make, field,
-                                                                 message):
+def test_files_that_would_stall_or_fool_the_decoder_are_refused(
+    client, good, folder, engine_runs, name, make, field, message
+):
     refused(client, good, message, **{field: handle_file(file_of(folder, name, make()))})
     assert len(engine_runs) == 1  # the normal job after it; the refused one never started
 
@@ -106,6 +114,7 @@ def test_a_scan_bomb_as_a_painted_layer_is_refused_too(client, good, folder):
 
 # --- one job's size: time, images, pixels ---------------------------------------------------------------------
 
+
 def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, good, engine_runs, monkeypatch):
     with Image.open(good[0]) as image:
         size = image.size
@@ -114,30 +123,41 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_size_that_fits(client, 
     per_pixel = guard.LIMITS.max_job_seconds / job_work(size, Settings(size=512, steps=draft)) * 0.999
     monkeypatch.setattr(stylize.jobs.job_clock(), "speed", StepSpeed(fixed=0, per_pixel=per_pixel))
     monkeypatch.setattr(stylize.jobs.job_clock(), "least_work", 0)  # these tiny presets are lighter than its sample
-    text = refused(client, good, "A 1024 px picture with the Fast draft preset would take about",
-                               size=1024)
+    text = refused(client, good, "A 1024 px picture with the Fast draft preset would take about", size=1024)
     assert "the limit is 5 min. Choose 512 px or less." in text
     assert len(engine_runs) == 1  # only the normal job after it ran
 
 
 def test_too_many_extra_style_images_or_painted_layers_are_refused_unread(client, good, folder):
     tiny = handle_file(file_of(folder, "tiny.png", encoded(artwork(32, 32), "PNG")))
-    refused(client, good, "Use at most 8 more style images; 9 were given.",
-                        extra_styles=[{"image": tiny}] * 9)
-    refused(client, good, "The painted region may have at most 8 layers; 9 were given.",
-            mask={"background": handle_file(good[0]), "layers": [tiny] * 9, "composite": None})
+    refused(client, good, "Use at most 8 more style images; 9 were given.", extra_styles=[{"image": tiny}] * 9)
+    refused(
+        client,
+        good,
+        "The painted region may have at most 8 layers; 9 were given.",
+        mask={"background": handle_file(good[0]), "layers": [tiny] * 9, "composite": None},
+    )
 
 
 def test_images_with_too_many_pixels_together_are_refused_unread(client, good, folder):
     """Four headers of 6000x6000 pixels, each under the limit for one image, in a few KB each."""
     big = handle_file(file_of(folder, "big.png", png_bomb(6000, 6000)))
-    refused(client, good, "These images have 144 megapixels together; one picture may use at most 120.",
-            content=big, style=big, extra_styles=[{"image": big}] * 2)
+    refused(
+        client,
+        good,
+        "These images have 144 megapixels together; one picture may use at most 120.",
+        content=big,
+        style=big,
+        extra_styles=[{"image": big}] * 2,
+    )
 
 
 def vm(field: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(field + ":")
+    )
 
 
 def test_large_images_are_shrunk_as_they_are_read_and_memory_returns(client, good, folder, capsys):
@@ -147,9 +167,12 @@ def test_large_images_are_shrunk_as_they_are_read_and_memory_returns(client, goo
     layer = Image.new("RGBA", (4000, 3000), (0, 0, 0, 0))
     layer.paste((255, 77, 77, 153), (0, 0, 2000, 3000))
     painted = file_of(folder, "painted.png", encoded(layer, "PNG"))
-    inputs = {"content": handle_file(flat), "style": handle_file(flat),
-              "extra_styles": [{"image": handle_file(flat)}] * 5,
-              "mask": {"background": handle_file(flat), "layers": [handle_file(painted)], "composite": None}}
+    inputs = {
+        "content": handle_file(flat),
+        "style": handle_file(flat),
+        "extra_styles": [{"image": handle_file(flat)}] * 5,
+        "mask": {"background": handle_file(flat), "layers": [handle_file(painted)], "composite": None},
+    }
     normal_job(client, good)  # warm-up
     before = rss()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the present
@@ -158,13 +181,16 @@ def test_large_images_are_shrunk_as_they_are_read_and_memory_returns(client, goo
     peak = vm("VmHWM") - before
     after = rss()
     with capsys.disabled():
-        print(f"\n8 images of 12 megapixels: server memory {before / 2**20:.0f} MB, peak +{peak / 2**20:.0f} MB, "
-              f"after {after / 2**20:.0f} MB ({(after - before) / 2**20:+.1f} MB)")
+        print(
+            f"\n8 images of 12 megapixels: server memory {before / 2**20:.0f} MB, peak +{peak / 2**20:.0f} MB, "
+            f"after {after / 2**20:.0f} MB ({(after - before) / 2**20:+.1f} MB)"
+        )
     assert peak < 200 * 2**20  # all eight at full size would be 290 MB
     assert after - before < 32 * 2**20
 
 
 # --- the queue: one client may not fill it ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def gate(monkeypatch):
@@ -181,6 +207,7 @@ def gate(monkeypatch):
                 yield from steps
             finally:
                 steps.close()
+
         return stream()
 
     monkeypatch.setattr(stylize.jobs, "transfer", gated)
@@ -191,8 +218,12 @@ def gate(monkeypatch):
 def raw_join(base: str, session: str, client_address: str, content: dict, style: dict) -> httpx.Response:
     fn_index, data = endpoint(base)
     data[0], data[1], data[2] = content, style, "draft"
-    return httpx.post(f"{base}gradio_api/queue/join", timeout=60, headers={"x-forwarded-for": client_address},
-                      json={"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None})
+    return httpx.post(
+        f"{base}gradio_api/queue/join",
+        timeout=60,
+        headers={"x-forwarded-for": client_address},
+        json={"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None},
+    )
 
 
 def test_one_client_may_not_fill_the_queue(app, good, gate, monkeypatch):
@@ -201,19 +232,24 @@ def test_one_client_may_not_fill_the_queue(app, good, gate, monkeypatch):
     base, visitor, neighbour = app.local_url, "151.101.1.1", "151.101.2.2"
     photo_file, art_file = upload(base, good[0]), upload(base, good[1])
     mine = Client(base, verbose=False, headers={"X-Forwarded-For": visitor})
-    jobs = [mine.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
-                        api_name="/stylize") for _ in range(guard.LIMITS.jobs_per_client)]
-    wait_until(lambda: stylize.ui._clients_in_line(app.app).count(visitor) == guard.LIMITS.jobs_per_client,
-               what="the visitor's jobs to be in line")
+    jobs = [
+        mine.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize")
+        for _ in range(guard.LIMITS.jobs_per_client)
+    ]
+    wait_until(
+        lambda: stylize.ui._clients_in_line(app.app).count(visitor) == guard.LIMITS.jobs_per_client,
+        what="the visitor's jobs to be in line",
+    )
 
     for session in (mine.session_hash, uuid.uuid4().hex):  # the same page, or a new session from the same address
         response = raw_join(base, session, visitor, photo_file, art_file)
         assert response.status_code == 429
-        assert response.json()["detail"] == (f"You have {guard.LIMITS.jobs_per_client} pictures waiting or being made, "
-                                             "the most one visitor may have; wait for one to finish.")
+        assert response.json()["detail"] == (
+            f"You have {guard.LIMITS.jobs_per_client} pictures waiting or being made, "
+            "the most one visitor may have; wait for one to finish."
+        )
     other = Client(base, verbose=False, headers={"X-Forwarded-For": neighbour})
-    theirs = other.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft",
-                          api_name="/stylize")
+    theirs = other.submit(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize")
     wait_until(lambda: neighbour in stylize.ui._clients_in_line(app.app), what="the neighbour's job in line")
 
     gate.set()
@@ -237,13 +273,20 @@ def test_no_route_runs_a_job_around_the_queue(app, good, engine_runs):
 
 # --- text and numbers of any length ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("inputs", "message"), [
-    ({"style_weights": "1, " + "9" * 300}, "Style blend weights must be a short text of numbers separated by "
-                                          "commas, like 1, 0.5; got '1, 9999"),
-    ({"style_weights": "junk " * 50}, "got 'junk junk"),
-    ({"size": int("9" * 400)}, "size must be between 64 and"),
-    ({"content_strength": 1e308}, "content_strength must be between 0 and 10; got 1e+308."),
-], ids=["weights 300 digits", "weights junk", "size 400 digits", "1e308"])
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            {"style_weights": "1, " + "9" * 300},
+            "Style blend weights must be a short text of numbers separated by commas, like 1, 0.5; got '1, 9999",
+        ),
+        ({"style_weights": "junk " * 50}, "got 'junk junk"),
+        ({"size": int("9" * 400)}, "size must be between 64 and"),
+        ({"content_strength": 1e308}, "content_strength must be between 0 and 10; got 1e+308."),
+    ],
+    ids=["weights 300 digits", "weights junk", "size 400 digits", "1e308"],
+)
 def test_long_values_get_their_own_message_cut_short(client, good, inputs, message):
     text = refused(client, good, message, **inputs)
     assert len(text) < 200
@@ -252,13 +295,17 @@ def test_long_values_get_their_own_message_cut_short(client, good, inputs, messa
 def test_a_huge_request_is_refused_unread(app, client, good):
     fn_index, data = endpoint(app.local_url)
     data[9] = "x" * 40 * 2**20  # 40 MB of style weights
-    response = httpx.post(f"{app.local_url}gradio_api/queue/join", timeout=120,
-                          json={"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex})
+    response = httpx.post(
+        f"{app.local_url}gradio_api/queue/join",
+        timeout=120,
+        json={"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex},
+    )
     assert response.status_code == 413 and len(response.content) < 200
     normal_job(client, good)
 
 
 # --- uploads and the disk ----------------------------------------------------------------------------------------
+
 
 def files_named(prefix: str) -> list[Path]:
     return [path for path in cache().rglob(f"{prefix}*") if path.is_file()]
@@ -280,8 +327,13 @@ def test_what_one_client_uploads_is_bounded(app, client, good, monkeypatch):
     monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, trusted_proxies="127.0.0.1"))
 
     def send(address: str) -> httpx.Response:
-        return httpx.post(f"{app.local_url}gradio_api/upload", files={"files": ("noise.png", noise)}, timeout=60,
-                          headers={"x-forwarded-for": address})
+        return httpx.post(
+            f"{app.local_url}gradio_api/upload",
+            files={"files": ("noise.png", noise)},
+            timeout=60,
+            headers={"x-forwarded-for": address},
+        )
+
     assert [send("151.101.3.3").status_code for _ in range(4)] == [200, 200, 429, 429]
     refusal = send("151.101.3.3").json()["detail"]
     assert refusal.startswith("You have uploaded 0.2 MB in the last ") and "the most one visitor may store" in refusal
@@ -300,14 +352,20 @@ def test_an_upload_without_a_file_name_or_length_gets_a_clear_refusal(app, clien
         assert nameless.status_code == 400 and "file part" in nameless.json()["detail"]
 
         def chunks():
-            yield b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\nabc\r\n--x--\r\n"
-        chunked = httpx.post(f"{base}gradio_api/upload", content=chunks(), timeout=60,
-                             headers={"content-type": "multipart/form-data; boundary=x"})
+            yield b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\nabc\r\n--x--\r\n'
+
+        chunked = httpx.post(
+            f"{base}gradio_api/upload",
+            content=chunks(),
+            timeout=60,
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
         assert chunked.status_code == 411
     normal_job(client, good)
 
 
 # --- the host's secrets and paths ----------------------------------------------------------------------------------
+
 
 def test_no_route_acts_with_the_hosts_hugging_face_token(app, monkeypatch):
     """Gradio reads the host's own token in two places; no route of this app may reach either, whatever Host it
@@ -318,15 +376,25 @@ def test_no_route_acts_with_the_hosts_hugging_face_token(app, monkeypatch):
     used = []
     for module, name in ((gradio.workflow, "hf_get_token"), (gradio.oauth, "get_token")):
         monkeypatch.setattr(module, name, lambda *args, **kwargs: used.append(1) or SECRET)
-    paths = sorted({route.path.replace("{", "").replace("}", "").replace(":path", "")
-                    for route in app.app.routes if hasattr(route, "methods")})
+    paths = sorted(
+        {
+            route.path.replace("{", "").replace("}", "").replace(":path", "")
+            for route in app.app.routes
+            if hasattr(route, "methods")
+        }
+    )
     assert not [path for path in paths if "history" in path or path.endswith("/runs")]
     for base in sorted({app.local_url, f"http://127.0.0.1:{app.server_port}/"}):
         for path in [*paths, "/gradio_api/run-history/buckets", "/gradio_api/run-history/records?bucket=me/runs"]:
             for method in ("GET", "POST"):
                 try:
-                    with httpx.stream(method, base.rstrip("/") + path, headers={"Host": "localhost"}, timeout=3,
-                                      json={} if method == "POST" else None) as response:
+                    with httpx.stream(
+                        method,
+                        base.rstrip("/") + path,
+                        headers={"Host": "localhost"},
+                        timeout=3,
+                        json={} if method == "POST" else None,
+                    ) as response:
                         body = next(response.iter_bytes(), b"")
                 except httpx.TimeoutException:  # an event stream that waits for events
                     continue
@@ -341,8 +409,7 @@ def test_the_config_shows_no_install_path_and_analytics_are_off(app):
 
 
 def test_a_result_records_the_weights_kind_and_no_server_path(app, good):
-    done = browser_run(app.local_url, content=upload(app.local_url, good[0]),
-                                   style=upload(app.local_url, good[1]))
+    done = browser_run(app.local_url, content=upload(app.local_url, good[0]), style=upload(app.local_url, good[1]))
     status, result = get(app.local_url, "/gradio_api/file=" + done["output"]["data"][0]["path"])
     assert status == 200
     with Image.open(io.BytesIO(result)) as png:
@@ -352,6 +419,7 @@ def test_a_result_records_the_weights_kind_and_no_server_path(app, good):
 
 
 # --- identities nobody can forge ----------------------------------------------------------------------------------
+
 
 def bases(app) -> list[str]:
     """Through gradio's Node server (with server-side rendering on) and straight to the Python server."""
@@ -364,8 +432,10 @@ def test_made_up_forwarded_addresses_do_not_make_new_visitors(app, good, gate):
     for base in bases(app):
         photo_file, art_file = upload(base, good[0]), upload(base, good[1])
         session = uuid.uuid4().hex
-        statuses = [raw_join(base, session, f"151.101.7.{i}", photo_file, art_file).status_code
-                    for i in range(guard.LIMITS.jobs_per_client + 2)]
+        statuses = [
+            raw_join(base, session, f"151.101.7.{i}", photo_file, art_file).status_code
+            for i in range(guard.LIMITS.jobs_per_client + 2)
+        ]
         assert statuses == [200] * guard.LIMITS.jobs_per_client + [429, 429], base
     gate.set()
     wait_until(lambda: not stylize.ui._clients_in_line(app.app), timeout=180, what="the jobs to finish")
@@ -373,11 +443,16 @@ def test_made_up_forwarded_addresses_do_not_make_new_visitors(app, good, gate):
 
 # --- requests gradio's routes would answer with a 500 ----------------------------------------------------------
 
+
 def test_deeply_nested_json_and_many_ranges_get_an_answer_not_a_500(app, good, capfd):
     uploaded = upload(app.local_url, good[0])["path"]
     for base in bases(app):
-        deep = httpx.post(f"{base}gradio_api/queue/join", content=b"[" * 100_000 + b"]" * 100_000, timeout=60,
-                          headers={"content-type": "application/json"})
+        deep = httpx.post(
+            f"{base}gradio_api/queue/join",
+            content=b"[" * 100_000 + b"]" * 100_000,
+            timeout=60,
+            headers={"content-type": "application/json"},
+        )
         assert deep.status_code == 400 and deep.json()["detail"] == "The request's JSON is nested too deeply."
         ranges = "bytes=" + ",".join(f"{i * 10}-{i * 10 + 5}" for i in range(150))
         whole = httpx.get(f"{base}gradio_api/file={uploaded}", headers={"range": ranges}, timeout=60)
@@ -387,26 +462,29 @@ def test_deeply_nested_json_and_many_ranges_get_an_answer_not_a_500(app, good, c
     assert "Traceback" not in capfd.readouterr().err
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("content", "junk", "The photo or the style artwork sent is not in the form this app takes"),
-    ("content", {"path": 5}, "The photo or the style artwork sent"),
-    ("extra_styles", "junk", "The extra style images sent"),
-    ("extra_styles", [{"bad": 1}], "The extra style images sent"),
-    ("mask", "junk", "The painted region sent"),
-    ("mask", {"layers": [5]}, "The painted region sent"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("content", "junk", "The photo or the style artwork sent is not in the form this app takes"),
+        ("content", {"path": 5}, "The photo or the style artwork sent"),
+        ("extra_styles", "junk", "The extra style images sent"),
+        ("extra_styles", [{"bad": 1}], "The extra style images sent"),
+        ("mask", "junk", "The painted region sent"),
+        ("mask", {"layers": [5]}, "The painted region sent"),
+    ],
+)
 def test_a_malformed_image_gallery_or_region_gets_a_message(app, good, field, value, message):
     base = app.local_url
     session = uuid.uuid4().hex
     with httpx.Client(timeout=120) as http:
-        inputs = {"content": upload(base, good[0]), "style": upload(base, good[1]),
-                  "preset": "draft", field: value}
+        inputs = {"content": upload(base, good[0]), "style": upload(base, good[1]), "preset": "draft", field: value}
         join(http, base, session, **inputs)
         done = next(m for m in messages(http, base, session) if m["msg"] == "process_completed")
     assert done["success"] is False and done["output"]["error"].startswith(message)
 
 
 # --- decoding and stopping are bounded ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def decoders(monkeypatch):
@@ -422,9 +500,9 @@ def decoders(monkeypatch):
     return started
 
 
-def test_a_file_that_stalls_the_decoder_is_cut_off_and_the_next_job_runs(client, good, folder, decoders,
-                                                                          monkeypatch):
+def test_a_file_that_stalls_the_decoder_is_cut_off_and_the_next_job_runs(client, good, folder, decoders, monkeypatch):
     import stylize.decoding
+
     monkeypatch.setattr(stylize.decoding, "DECODE_SECONDS", 1.5)
     stall = file_of(folder, "stall.jpg", progressive((2000, 2000), repeats=5000))  # 10 s of decoding
     refused(client, good, "The photo takes too long to decode (over 1.5 s)", content=handle_file(stall))
@@ -458,7 +536,9 @@ def test_stop_during_a_long_step_answers_at_once(client, good, engine_runs, monk
                 yield from steps
             finally:
                 steps.close()
+
         return stream()
+
     monkeypatch.setattr(stylize.jobs, "transfer", slow)
     # the fine preset's 5000 steps: minutes, here
     monkeypatch.setattr(guard, "LIMITS", replace(guard.LIMITS, max_job_seconds=math.inf))

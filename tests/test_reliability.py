@@ -58,11 +58,13 @@ MEMORY_BOUND = 32 * 2**20  # what 20 jobs may add to the server's resident memor
 
 # --- the server and its inputs ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """Two jobs at once, room for two more in the queue, tiny presets, a token in the environment."""
-    with live_app(SMALL, tmp_path_factory.mktemp("examples"), concurrency=2, STYLIZE_QUEUE_SIZE="2",
-                  HF_TOKEN=SECRET) as demo:
+    with live_app(
+        SMALL, tmp_path_factory.mktemp("examples"), concurrency=2, STYLIZE_QUEUE_SIZE="2", HF_TOKEN=SECRET
+    ) as demo:
         yield demo
 
 
@@ -87,20 +89,25 @@ def mean_colour(path: str) -> np.ndarray:
 
 # --- bad files ------------------------------------------------------------------------------------
 
+
 def noise(size: tuple[int, int]) -> Image.Image:
     return Image.effect_noise(size, 60).convert("RGB")
 
 
 def corrupt_png() -> bytes:
     data = bytearray(encoded(noise((128, 128)), "PNG"))
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # a damaged middle: the checksum no longer matches
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a damaged middle: the checksum no longer matches
     return bytes(data)
 
 
 BAD_FILES = [
     ("notes.png", lambda: b"shopping list: eggs, flour", "content", "The photo is not an image this app can read"),
-    ("page.png", lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>", "style",
-     "The style artwork is not an image this app can read"),
+    (
+        "page.png",
+        lambda: b"<!doctype html><html><body><script>alert(1)</script></body></html>",
+        "style",
+        "The style artwork is not an image this app can read",
+    ),
     ("empty.jpg", lambda: b"", "content", "The photo file is empty"),
     ("cut.jpg", lambda: encoded(noise((256, 256)), "JPEG")[:1500], "content", "truncated or corrupt"),
     ("cut.png", lambda: encoded(noise((256, 256)), "PNG")[:3000], "content", "truncated or corrupt"),
@@ -165,16 +172,28 @@ UNUSUAL = [
 @pytest.mark.parametrize(("name", "make", "colour"), UNUSUAL, ids=[case[0] for case in UNUSUAL])
 def test_unusual_images_are_used_as_they_look(client, folder, good, name, make, colour):
     path = file_of(folder, name, make())
-    picture, status, *_ = client.predict(content=handle_file(path), style=handle_file(good[1]), preset="draft",
-                                         style_strength=0, smoothing=0, api_name="/stylize")  # keep the photo
+    picture, status, *_ = client.predict(
+        content=handle_file(path),
+        style=handle_file(good[1]),
+        preset="draft",
+        style_strength=0,
+        smoothing=0,
+        api_name="/stylize",
+    )  # keep the photo
     assert "Done" in status
     assert np.abs(mean_colour(picture) - colour).max() < 40
 
 
 def test_an_exif_rotated_photo_comes_out_the_right_way_up(client, folder, good):
     path = file_of(folder, "rotated.jpg", exif_rotated())
-    picture, status, *_ = client.predict(content=handle_file(path), style=handle_file(good[1]), preset="draft",
-                                         style_strength=0, smoothing=0, api_name="/stylize")
+    picture, status, *_ = client.predict(
+        content=handle_file(path),
+        style=handle_file(good[1]),
+        preset="draft",
+        style_strength=0,
+        smoothing=0,
+        api_name="/stylize",
+    )
     with Image.open(picture) as png:
         pixels = np.asarray(png.convert("L"), np.float64)
     assert pixels.shape == (64, 32)  # upright: portrait
@@ -207,15 +226,19 @@ def test_out_of_range_numbers_get_a_message_naming_the_setting(client, good, inp
     refused(client, good, message, **inputs)
 
 
-@pytest.mark.parametrize(("name", "value", "message"), [
-    ("style_strength", float("nan"), "style_strength must be a finite number, got nan"),
-    ("content_strength", float("inf"), "content_strength must be a finite number, got inf"),
-    ("size", float("-inf"), "size must be a finite number, got -inf"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("style_strength", float("nan"), "style_strength must be a finite number, got nan"),
+        ("content_strength", float("inf"), "content_strength must be a finite number, got inf"),
+        ("size", float("-inf"), "size must be a finite number, got -inf"),
+    ],
+)
 def test_nan_and_infinity_get_a_message(app, client, good, name, value, message):
     """gradio_client cannot send NaN (JSON has none); a browser or a script can: json.dumps writes it."""
-    result = browser_run(app.local_url, content=upload(app.local_url, good[0]), style=upload(app.local_url, good[1]),
-                         **{name: value})
+    result = browser_run(
+        app.local_url, content=upload(app.local_url, good[0]), style=upload(app.local_url, good[1]), **{name: value}
+    )
     assert not result["success"]
     assert message in result["output"]["error"]
     assert_clean(result["output"]["error"])
@@ -251,6 +274,7 @@ def test_simultaneous_users_each_get_their_own_picture_or_are_told_to_wait(app, 
                 yield from steps
             finally:
                 steps.close()
+
         return stream()
 
     monkeypatch.setattr(stylize.jobs, "transfer", gated)
@@ -258,8 +282,9 @@ def test_simultaneous_users_each_get_their_own_picture_or_are_told_to_wait(app, 
     users = [Client(app.local_url, verbose=False) for _ in COLOURS]
 
     def submit(i: int):
-        return users[i].submit(content=handle_file(photos[i]), style=handle_file(good[1]), preset="draft",
-                               api_name="/stylize")
+        return users[i].submit(
+            content=handle_file(photos[i]), style=handle_file(good[1]), preset="draft", api_name="/stylize"
+        )
 
     try:
         jobs = {0: submit(0), 1: submit(1)}
@@ -305,22 +330,27 @@ def test_closing_the_tab_frees_the_worker(app, client, good, engine_runs):
 
 # --- memory ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_twenty_jobs_leave_memory_where_it_started(client, good, capsys):
     normal_job(client, good)  # warm-up: models, caches and thread pools exist from here on
     before = rss()
     for seed in range(20):
-        picture, status, *_ = client.predict(content=handle_file(good[0]), style=handle_file(good[1]),
-                                             preset="draft", seed=seed, api_name="/stylize")
+        picture, status, *_ = client.predict(
+            content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", seed=seed, api_name="/stylize"
+        )
         assert "Done" in status
     growth = rss() - before
     with capsys.disabled():
-        print(f"\n20 jobs: server memory {before / 2**20:.0f} MB -> {(before + growth) / 2**20:.0f} MB "
-              f"({growth / 2**20:+.1f} MB; bound {MEMORY_BOUND / 2**20:.0f} MB)")
+        print(
+            f"\n20 jobs: server memory {before / 2**20:.0f} MB -> {(before + growth) / 2**20:.0f} MB "
+            f"({growth / 2**20:+.1f} MB; bound {MEMORY_BOUND / 2**20:.0f} MB)"
+        )
     assert growth < MEMORY_BOUND
 
 
 # --- out of memory and other failures -------------------------------------------------------------
+
 
 def test_a_size_too_large_for_free_memory_is_refused_and_smaller_ones_still_run(client, good, monkeypatch):
     monkeypatch.setattr(stylize.engine, "free_memory", lambda device: 2**27)  # 128 MiB free: not even tiles fit
@@ -335,22 +365,27 @@ def failing_on_second_step(error: BaseException) -> Callable:
         if len(calls) == 2:
             raise error
         return real(image)
+
     real = stylize.engine.tv_loss
     return tv_loss
 
 
 MID_RUN = [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "Ran out of CPU memory at"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
-                  "allocate 4831838208 bytes. Error code 12 (Cannot allocate memory)"), "Ran out of CPU memory at"),
+    (
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 4831838208 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        "Ran out of CPU memory at",
+    ),
     (MemoryError(), "Ran out of CPU memory at"),
     (RuntimeError(f"cannot read {ROOT}/stylize/engine.py with token {SECRET}"), "Try again"),
 ]
 
 
 @pytest.mark.parametrize(("error", "message"), MID_RUN, ids=["torch_oom", "cpu_allocator", "memory_error", "bug"])
-def test_a_failure_mid_run_gives_a_message_and_frees_the_worker(client, good, engine_runs, monkeypatch, error,
-                                                                 message):
+def test_a_failure_mid_run_gives_a_message_and_frees_the_worker(client, good, engine_runs, monkeypatch, error, message):
     monkeypatch.setattr(stylize.engine, "tv_loss", failing_on_second_step(error))
     with pytest.raises(AppError) as raised:
         client.predict(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize")
@@ -381,10 +416,19 @@ def test_nothing_can_park_data_in_server_memory_through_the_mask_editor(app, cli
     config = httpx.get(f"{app.local_url}config", timeout=30).json()
     editor = next(c["id"] for c in config["components"] if c["type"] == "imageeditor")
     for session in (client.session_hash, uuid.uuid4().hex):  # a session that has run jobs, and a new one
-        response = httpx.post(f"{app.local_url}gradio_api/component_server", timeout=60, files={
-            "file": ("blob.png", encoded(solid((255, 0, 0), (8, 8)), "PNG"), "image/png")}, data={
-            "session_hash": session, "component_id": str(editor), "fn_name": "accept_blobs",
-            "id": uuid.uuid4().hex, "type": "background", "index": "null"})
+        response = httpx.post(
+            f"{app.local_url}gradio_api/component_server",
+            timeout=60,
+            files={"file": ("blob.png", encoded(solid((255, 0, 0), (8, 8)), "PNG"), "image/png")},
+            data={
+                "session_hash": session,
+                "component_id": str(editor),
+                "fn_name": "accept_blobs",
+                "id": uuid.uuid4().hex,
+                "type": "background",
+                "index": "null",
+            },
+        )
         assert response.status_code == 404, response.text  # no such function on the component
         assert response.json()["detail"] == "Function not found."
     assert not any(getattr(block, "blob_storage", None) for block in app.blocks.values())
@@ -441,23 +485,28 @@ def test_the_file_routes_serve_nothing_outside_the_cache_and_assets(app, good, t
         assert get(base, f"/gradio_api/file={picture}")[0] == 200  # the app's own cache is served...
         assert get(base, f"/gradio_api/file={ROOT / 'assets' / 'cat.jpg'}")[0] == 200  # ...and its assets
         for template in TRAVERSALS:
-            path = template.format(secret=secret, cache=get_upload_folder(), assets=ROOT / "assets", root=ROOT,
-                                   port=app.server_port)
+            path = template.format(
+                secret=secret, cache=get_upload_folder(), assets=ROOT / "assets", root=ROOT, port=app.server_port
+            )
             status, body = get(base, path)
             assert status != 200 or not any(m in body for m in markers), f"{base}{path} served {body[:80]!r}"
             assert status in (400, 403, 404) or path.startswith("/_app/"), f"{base}{path}: {status}"
 
 
-@pytest.mark.parametrize("where", ["/etc/passwd", "{private}", "{cache}/../../../../../..{private}",
-                                   "{assets}/cat.jpg"])
+@pytest.mark.parametrize(
+    "where", ["/etc/passwd", "{private}", "{cache}/../../../../../..{private}", "{assets}/cat.jpg"]
+)
 def test_a_job_cannot_read_a_server_file_that_was_not_uploaded(app, client, good, tmp_path, where):
     from gradio.utils import get_upload_folder
 
     private = tmp_path / "private.png"
     solid((10, 200, 10)).save(private)
     path = where.format(private=private, cache=get_upload_folder(), assets=ROOT / "assets")
-    result = browser_run(app.local_url, content={"path": path, "meta": {"_type": "gradio.FileData"}},
-                         style=upload(app.local_url, good[1]))
+    result = browser_run(
+        app.local_url,
+        content={"path": path, "meta": {"_type": "gradio.FileData"}},
+        style=upload(app.local_url, good[1]),
+    )
     if where.startswith("{assets}"):
         assert result["success"]  # the shipped examples are public; they may be used
     else:
@@ -482,11 +531,18 @@ runpy.run_path({app!r}, run_name="__main__")
 def configured(tmp_path_factory):
     """app.py in its own process with small limits from the environment: 1 MB, 1 megapixel, files kept 8 s."""
     folder = tmp_path_factory.mktemp("configured")
-    env = {**os.environ, "STYLIZE_MAX_UPLOAD_MB": "1", "STYLIZE_MAX_MEGAPIXELS": "1",
-           "STYLIZE_KEEP_FILES_SECONDS": "8", "STYLIZE_MAX_JOB_SECONDS": "inf",
-           "GRADIO_TEMP_DIR": str(folder / "cache"), "GRADIO_SSR_MODE": "false",
-           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_EXAMPLES_CACHE": str(folder / "examples")}
+    env = {
+        **os.environ,
+        "STYLIZE_MAX_UPLOAD_MB": "1",
+        "STYLIZE_MAX_MEGAPIXELS": "1",
+        "STYLIZE_KEEP_FILES_SECONDS": "8",
+        "STYLIZE_MAX_JOB_SECONDS": "inf",
+        "GRADIO_TEMP_DIR": str(folder / "cache"),
+        "GRADIO_SSR_MODE": "false",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_EXAMPLES_CACHE": str(folder / "examples"),
+    }
     log = folder / "server.log"
     code = SERVE_APP.format(root=str(ROOT), small=SMALL, app=str(ROOT / "app.py"))
     with open(log, "w") as out:
@@ -497,9 +553,16 @@ def configured(tmp_path_factory):
         def started() -> bool:
             nonlocal url
             assert server.poll() is None, log.read_text()
-            url = next((line.split("URL:")[1].strip() for line in log.read_text().splitlines()
-                        if "Running on local URL:" in line), None)
+            url = next(
+                (
+                    line.split("URL:")[1].strip()
+                    for line in log.read_text().splitlines()
+                    if "Running on local URL:" in line
+                ),
+                None,
+            )
             return url is not None
+
         wait_until(started, timeout=120, what="app.py to start")
         yield url.rstrip("/") + "/", folder / "cache"
     finally:
@@ -530,8 +593,9 @@ def test_uploads_and_results_are_deleted_after_the_configured_time(configured, g
     files = [Path(photo_upload["path"]), Path(art_upload["path"]), Path(done["output"]["data"][0]["path"])]
     assert all(path.is_relative_to(cache) and path.is_file() for path in files)  # kept while they are needed
     for _ in range(30):  # uploads that no job uses
-        response = httpx.post(f"{url}gradio_api/upload", timeout=60,
-                              files={"files": ("noise.bin", os.urandom(100_000), "image/png")})
+        response = httpx.post(
+            f"{url}gradio_api/upload", timeout=60, files={"files": ("noise.bin", os.urandom(100_000), "image/png")}
+        )
         assert response.status_code == 200
     entries = list(cache.rglob("*"))
     size = sum(path.stat().st_size for path in entries if path.is_file())
@@ -549,6 +613,7 @@ def test_uploads_and_results_are_deleted_after_the_configured_time(configured, g
 
 
 # --- the command line -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory) -> Path:
@@ -586,37 +651,56 @@ def test_cli_bad_input_gives_one_line_then_a_normal_run_works(cli_inputs, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert not out.exists()
-    assert cli_main([str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out),
-                     "--size", "64", "--steps", "2"]) == 0
+    assert (
+        cli_main(
+            [str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out), "--size", "64", "--steps", "2"]
+        )
+        == 0
+    )
 
 
 def test_cli_out_of_memory_gives_one_line(cli_inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(stylize.engine, "free_memory", lambda device: 2**27)
     out = tmp_path / "big.png"
-    assert cli_main([str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out),
-                     "--size", "2048"]) == 2
+    assert cli_main([str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out), "--size", "2048"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "choose a smaller size" in lines[0], lines
     assert not out.exists()
-    assert cli_main([str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out),
-                     "--size", "64", "--steps", "2"]) == 0  # a size that fits, under the same limit
+    assert (
+        cli_main(
+            [str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out), "--size", "64", "--steps", "2"]
+        )
+        == 0
+    )  # a size that fits, under the same limit
 
 
-@pytest.mark.parametrize(("variable", "image", "message"), [
-    ("STYLIZE_MAX_UPLOAD_MB", lambda: noise((700, 700)), "the limit is 1 MB"),
-    ("STYLIZE_MAX_MEGAPIXELS", lambda: Image.new("RGB", (1200, 1000), (90, 90, 90)), "the limit is 1 megapixels"),
-])
+@pytest.mark.parametrize(
+    ("variable", "image", "message"),
+    [
+        ("STYLIZE_MAX_UPLOAD_MB", lambda: noise((700, 700)), "the limit is 1 MB"),
+        ("STYLIZE_MAX_MEGAPIXELS", lambda: Image.new("RGB", (1200, 1000), (90, 90, 90)), "the limit is 1 megapixels"),
+    ],
+)
 def test_cli_limits_come_from_the_environment(cli_inputs, variable, image, message):
     path = cli_inputs / f"{variable}.png"
     image().save(path)
-    command = [sys.executable, "-m", "stylize", str(path), str(cli_inputs / "art.png"), "-o",
-               str(cli_inputs / "never.png")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                            env={**os.environ, variable: "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "stylize",
+        str(path),
+        str(cli_inputs / "art.png"),
+        "-o",
+        str(cli_inputs / "never.png"),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, variable: "1"}
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 # --- the load test --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_the_load_test_completes_every_job_with_bounded_memory(capsys):
@@ -630,5 +714,4 @@ def test_the_load_test_completes_every_job_with_bounded_memory(capsys):
     # New sessions and allocator pools for four threads take a one-off step; after that, memory must stay flat.
     by_job = result["rss_by_job"]
     assert result["rss_after"] - result["rss_before"] < 2 * MEMORY_BOUND
-    assert max(by_job[len(by_job) // 4:]) - by_job[len(by_job) // 4] < MEMORY_BOUND, by_job
-
+    assert max(by_job[len(by_job) // 4 :]) - by_job[len(by_job) // 4] < MEMORY_BOUND, by_job

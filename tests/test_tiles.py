@@ -113,8 +113,9 @@ def test_tiles_paint_as_well_as_the_whole(tiled_and_whole):
 
     def likeness(image: Image.Image) -> float:
         """How closely the picture's brightness follows the photo's: its structure kept."""
-        grey = [np.asarray(im.convert("L").resize((32, 24), Image.Resampling.BOX), float).ravel()
-                for im in (image, content)]
+        grey = [
+            np.asarray(im.convert("L").resize((32, 24), Image.Resampling.BOX), float).ravel() for im in (image, content)
+        ]
         return np.corrcoef(*grey)[0, 1]
 
     assert likeness(tiled) == pytest.approx(likeness(whole), abs=0.15)
@@ -129,4 +130,3 @@ def test_closing_a_tiled_run_stops_it_at_once():
     assert time.perf_counter() - started < 0.5
     with pytest.raises(StopIteration):
         next(stream)
-

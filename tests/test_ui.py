@@ -99,17 +99,50 @@ def test_the_advanced_settings_reach_the_engine(client, photo, art, tmp_path):
     painted = {"background": photo, "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
 
     picture, *_ = client.predict(
-        content=photo, style=art, preset="draft", size=96, style_strength=4, content_strength=0.5,
-        preserve_colors="histogram", style_scale=0.5, extra_styles=[{"image": art}], style_weights="2, 1", mask=painted,
-        optimizer="adam", seed=7, smoothing=2, api_name="/stylize")
+        content=photo,
+        style=art,
+        preset="draft",
+        size=96,
+        style_strength=4,
+        content_strength=0.5,
+        preserve_colors="histogram",
+        style_scale=0.5,
+        extra_styles=[{"image": art}],
+        style_weights="2, 1",
+        mask=painted,
+        optimizer="adam",
+        seed=7,
+        smoothing=2,
+        api_name="/stylize",
+    )
 
     with Image.open(picture) as png:
         settings = json.loads(png.text["stylize:settings"])
         result = np.asarray(png.convert("RGB"), float)
-    assert {k: settings[k] for k in ("size", "style_strength", "content_strength", "preserve_colors",
-                                     "style_scale", "style_weights", "optimizer", "seed", "smoothing")} == {
-        "size": 96, "style_strength": 4, "content_strength": 0.5, "preserve_colors": "histogram",
-        "style_scale": 0.5, "style_weights": [2, 1], "optimizer": "adam", "seed": 7, "smoothing": 2}
+    assert {
+        k: settings[k]
+        for k in (
+            "size",
+            "style_strength",
+            "content_strength",
+            "preserve_colors",
+            "style_scale",
+            "style_weights",
+            "optimizer",
+            "seed",
+            "smoothing",
+        )
+    } == {
+        "size": 96,
+        "style_strength": 4,
+        "content_strength": 0.5,
+        "preserve_colors": "histogram",
+        "style_scale": 0.5,
+        "style_weights": [2, 1],
+        "optimizer": "adam",
+        "seed": 7,
+        "smoothing": 2,
+    }
     with Image.open(photo["path"]) as original:
         original = np.asarray(original.convert("RGB").resize((96, 72), Image.Resampling.LANCZOS), float)
     change = np.abs(result - original).mean(axis=(0, 2))
@@ -130,8 +163,15 @@ def test_the_api_describes_its_parameters_with_the_apps_help_texts(client):
     api = client.view_api(return_format="dict", print_info=False)
     assert list(api["named_endpoints"]) == ["/stylize"]  # the examples and the page's buttons are not API
     parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/stylize"]["parameters"]}
-    for name in ("style_strength", "content_strength", "preserve_colors", "style_scale", "optimizer", "seed",
-                 "smoothing"):
+    for name in (
+        "style_strength",
+        "content_strength",
+        "preserve_colors",
+        "style_scale",
+        "optimizer",
+        "seed",
+        "smoothing",
+    ):
         assert parameters[name]["python_type"]["description"] == knob(name)["help"], name
     assert parameters["size"]["python_type"]["description"].startswith(knob("size")["help"])
     assert parameters["size"]["parameter_has_default"] and parameters["size"]["parameter_default"] is None
@@ -149,8 +189,9 @@ def test_someone_is_ahead_only_while_the_worker_is_busy(app, client, photo, art,
     wait_until(lambda: not stylize.ui._someone_ahead(app), what="the worker to be free")
 
 
-def made_up_run(fixed: float, per_pixel: float, size: int = 512, steps: int = 250, busy: float = 0.0,
-                seed: int = 0) -> list[Frame]:
+def made_up_run(
+    fixed: float, per_pixel: float, size: int = 512, steps: int = 250, busy: float = 0.0, seed: int = 0
+) -> list[Frame]:
     """The frames of a run where a step takes `fixed` + `per_pixel` x pixels seconds, slowed by up to `busy` times
     that again at random (another process on the cores), after a second of start-up, each scale's set-up as long
     as two of its steps."""
@@ -165,13 +206,31 @@ def made_up_run(fixed: float, per_pixel: float, size: int = 512, steps: int = 25
         for _ in range(scale.steps):
             elapsed += (fixed + per_pixel * width * height) * (1 + busy * noise.random())
             step += 1
-            frames.append(Frame(Image.new("RGB", (1, 1)), scale.size, step, steps, number, len(scales), 0, 0,
-                                elapsed, work[step - 1] / work[-1], work[-1], step == steps, "cpu", "bf16", {}))
+            frames.append(
+                Frame(
+                    Image.new("RGB", (1, 1)),
+                    scale.size,
+                    step,
+                    steps,
+                    number,
+                    len(scales),
+                    0,
+                    0,
+                    elapsed,
+                    work[step - 1] / work[-1],
+                    work[-1],
+                    step == steps,
+                    "cpu",
+                    "bf16",
+                    {},
+                )
+            )
     return frames
 
 
-MACHINES = pytest.mark.parametrize(("fixed", "per_pixel"), [(0.01, 4e-6), (0.03, 2e-8)],
-                                   ids=["like a CPU", "like a GPU"])
+MACHINES = pytest.mark.parametrize(
+    ("fixed", "per_pixel"), [(0.01, 4e-6), (0.03, 2e-8)], ids=["like a CPU", "like a GPU"]
+)
 
 
 @MACHINES
@@ -202,14 +261,17 @@ def test_the_first_estimate_is_near_the_real_time_on_a_busy_machine(fixed, per_p
             assert truth / 1.5 <= left <= truth * 1.5, (frame.step, left, truth)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"style": None}, "Add a photo and a style artwork"),
-    ({"content": "not-an-image"}, "The photo is not an image this app can read"),
-    ({"style_weights": "1, x"}, "Style blend weights must be numbers"),
-    ({"style_weights": "1, 2"}, "one style weight per style image"),
-    ({"seed": -1}, "seed must be between 0 and"),
-    ({"size": "huge"}, "size must be a number, got 'huge'"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"style": None}, "Add a photo and a style artwork"),
+        ({"content": "not-an-image"}, "The photo is not an image this app can read"),
+        ({"style_weights": "1, x"}, "Style blend weights must be numbers"),
+        ({"style_weights": "1, 2"}, "one style weight per style image"),
+        ({"seed": -1}, "seed must be between 0 and"),
+        ({"size": "huge"}, "size must be a number, got 'huge'"),
+    ],
+)
 def test_mistakes_get_a_message_that_says_what_to_do(client, photo, art, tmp_path, change, message, capfd, caplog):
     if change.get("content") == "not-an-image":
         (tmp_path / "notes.jpg").write_text("shopping list")
@@ -234,8 +296,11 @@ def test_a_server_configured_for_print_sizes_offers_them(tmp_path):
 
 
 def test_the_server_refuses_uploads_over_the_byte_cap(app):
-    response = httpx.post(f"{app.local_url}gradio_api/upload", timeout=60,
-                          files={"files": ("huge.png", b"\0" * (MAX_BYTES + 1), "image/png")})
+    response = httpx.post(
+        f"{app.local_url}gradio_api/upload",
+        timeout=60,
+        files={"files": ("huge.png", b"\0" * (MAX_BYTES + 1), "image/png")},
+    )
     assert response.status_code == 413
 
 
@@ -243,8 +308,18 @@ def test_the_api_endpoint_takes_named_parameters_with_defaults(client):
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/stylize"]
     parameters = {p["parameter_name"]: p["parameter_has_default"] for p in endpoint["parameters"]}
     assert list(parameters)[:4] == ["content", "style", "preset", "size"]
-    assert {"style_strength", "content_strength", "preserve_colors", "style_scale", "extra_styles",
-            "style_weights", "mask", "optimizer", "seed", "smoothing"} <= set(parameters)
+    assert {
+        "style_strength",
+        "content_strength",
+        "preserve_colors",
+        "style_scale",
+        "extra_styles",
+        "style_weights",
+        "mask",
+        "optimizer",
+        "seed",
+        "smoothing",
+    } <= set(parameters)
     assert [name for name, has_default in parameters.items() if not has_default] == ["content", "style"]
 
 
@@ -260,8 +335,9 @@ def test_the_node_version_asked_for_is_gradios():
     assert f"requires Node {SSR_NODE_MAJOR}+" in " ".join(gr.Blocks.launch.__doc__.split())
 
 
-@pytest.mark.parametrize(("version", "expected"), [("v20.11.1", False), ("v22.3.0", False), ("v24.0.0", True),
-                                                   ("v25.1.0", True)])
+@pytest.mark.parametrize(
+    ("version", "expected"), [("v20.11.1", False), ("v22.3.0", False), ("v24.0.0", True), ("v25.1.0", True)]
+)
 def test_server_side_rendering_needs_the_node_gradio_asks_for(monkeypatch, tmp_path, version, expected):
     node = tmp_path / "node"
     node.write_text(f"#!/bin/sh\necho {version}\n")

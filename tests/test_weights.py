@@ -36,8 +36,9 @@ def test_torchvision_state_dict_is_loaded_as_imagenet(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = torch.relu(torch.nn.functional.conv2d(replicated((x - mean) / std), state["features.0.weight"],
-                                                     state["features.0.bias"]))
+    expected = torch.relu(
+        torch.nn.functional.conv2d(replicated((x - mean) / std), state["features.0.weight"], state["features.0.bias"])
+    )
     assert torch.allclose(extractor(x)["relu1_1"], expected, atol=1e-5)
 
 
