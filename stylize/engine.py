@@ -11,42 +11,35 @@ towards the whole style's statistics, blended back with feathered edges, the gri
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
 from . import images
-from .device import free_memory, pick_device, pick_precision
+from .device import pick_device, pick_precision
 from .losses import (
     BALANCES,
     Balance,
-    Gaussian,
     StyleTarget,
     content_loss,
-    gaussian,
     mixture,
     style_layer_weights,
     style_loss,
+    tiled_gaussians,
     tv_loss,
 )
-from .plan import SCHEDULE, TILE_OVERLAP, Scale, Schedule, plan, work_done
-from .settings import MIN_TILE_SIZE, Settings, SettingsError
-from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights, stride
+from .plan import SCHEDULE, TILE_OVERLAP, Scale, Schedule, fit_in_memory, plan, work_done
+from .settings import Settings, SettingsError
+from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights
 
 PREVIEW_SECONDS = 0.25  # at most one preview per this long, after the first step's
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
-# Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
-# spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
-BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
-PICTURE_BYTES_PER_PIXEL = 80
-STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)
 
 
 @dataclass
@@ -76,28 +69,6 @@ class Progress:
         if max_side is not None and max(width, height) > max_side:
             return images.to_image(images.resize(self.pixels, images.fit((width, height), max_side)))
         return images.to_image(self.pixels)
-
-
-def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
-    """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
-    never); a size that does not fit even so is refused now rather than killed half-way."""
-    free = free_memory(device)
-    per_pixel = BYTES_PER_PIXEL[precision]
-
-    def fitted(scale: Scale) -> Scale:
-        width, height = scale.size
-        if scale.tile or free is None or per_pixel * width * height <= free:
-            return scale
-        side = math.isqrt(max(0, free - PICTURE_BYTES_PER_PIXEL * width * height) // per_pixel) // 16 * 16
-        if settings.tile_size == 0 or side < MIN_TILE_SIZE:
-            raise SettingsError(
-                f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
-                f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
-                f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE else ".")
-            )
-        return replace(scale, tile=side)
-
-    return [fitted(scale) for scale in scales]
 
 
 def transfer(
@@ -384,7 +355,7 @@ def _style_targets(
     """The style images' blended Gaussians at the scale's size, with their square roots: once per scale."""
     side = min(STYLE_MAX_SIDE, round(settings.style_scale * max(scale.size)))
     parts = [
-        _gaussians(
+        tiled_gaussians(
             vgg,
             images.resize(style, images.fit((style.shape[-1], style.shape[-2]), side)),
             list(layer_weights),
@@ -393,45 +364,6 @@ def _style_targets(
         for style in styles
     ]
     return {name: StyleTarget.of(mixture([part[name] for part in parts], list(blend))) for name in layer_weights}
-
-
-@torch.no_grad()
-def _gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str], tile: int) -> dict[str, Gaussian]:
-    """Gaussians of an image's activations; where it is bigger than `tile`, summed over tiles that see a margin
-    of context around them, so that memory follows the tile and every position counts once, as in the whole."""
-    height, width = image.shape[-2:]
-    if not tile or max(height, width) <= tile:
-        features = vgg(image)
-        return {name: gaussian(features[name]) for name in layers}
-    core = max(16, (tile - 2 * STATISTICS_MARGIN) // 16 * 16)  # whole pooling cells: crops line up at every layer
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in layers}  # positions, sum of f, sum of f·fᵀ
-    for top, left in itertools.product(range(0, height, core), range(0, width, core)):
-        y0, x0 = max(0, top - STATISTICS_MARGIN), max(0, left - STATISTICS_MARGIN)
-        features = vgg(
-            image[
-                ..., y0 : min(height, top + core + STATISTICS_MARGIN), x0 : min(width, left + core + STATISTICS_MARGIN)
-            ]
-        )
-        for name in layers:
-            f = stride(name)
-            kept = (
-                features[name][
-                    0,
-                    :,
-                    (top - y0) // f : (min(height, top + core) - y0) // f,
-                    (left - x0) // f : (min(width, left + core) - x0) // f,
-                ]
-                .flatten(1)
-                .double()
-            )
-            sums[name][0] += kept.shape[1]
-            sums[name][1] += kept.sum(1)
-            sums[name][2] += kept @ kept.T
-    out = {}
-    for name, (count, total, products) in sums.items():
-        mean = total / count
-        out[name] = Gaussian(mean.float(), (products / count - torch.outer(mean, mean)).float())
-    return out
 
 
 class _Objective:

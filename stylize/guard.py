@@ -16,11 +16,10 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,8 @@ from starlette.datastructures import Headers
 
 from .asgi import HeldResponse, body_of, drain, one_range_at_most, refuse, replay
 from .images import ImageError, image_size
-from .plan import job_work, plan
 from .settings import Settings, SettingsError
-from .timing import StepSpeed, StepTimer
+from .timing import JobClock, about
 
 LOG = logging.getLogger(__name__)
 
@@ -81,100 +79,6 @@ MAX_FILES_PER_UPLOAD = MAX_EXTRA_IMAGES  # the most the page sends at once: a ga
 MAX_REQUEST_BYTES = 2**20  # any other request: a job's inputs are file names, numbers and short text
 MIN_FILE_CHARGE = 64 * 2**10  # a stored file costs a folder and inodes too: it counts as at least this
 DISK_SECONDS = 60  # how long the app folder's size, once measured, stands (plus the uploads since)
-# The transfer the server times: a draft's size, so that its time is mostly the per-pixel work that the work model
-# counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
-SAMPLE = {"size": 256, "steps": 24}
-SAMPLE_PHOTO = (256, 192)  # a photo's usual shape
-GPU_SPEED = StepSpeed(fixed=0.0, per_pixel=2e-7)  # a GPU's until its first job measures it: a T4's, fp16 at 512 px
-
-
-# --- the cost of one job -------------------------------------------------------------------------------------
-
-
-class JobClock:
-    """This server's speed (`timing.StepSpeed`): what a job will cost before it starts.
-
-    Measured in the background at start-up (`time_in_background`; jobs that come meanwhile wait for it), then
-    taken again from every job as it runs, once it has done as much work as the sample: the speed of a busy
-    machine changes. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
-    """
-
-    def __init__(self, speed: StepSpeed | None = None):
-        self.speed = speed
-        self.timed = threading.Event()  # set once there is a speed to go by, or measuring it failed
-        if speed is not None:
-            self.timed.set()
-        self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
-
-    def time_in_background(self, measure: Callable[[], StepSpeed]) -> None:
-        LOG.info(
-            "Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
-            "meanwhile waits for it).",
-            SAMPLE["size"],
-            SAMPLE["steps"],
-        )
-        threading.Thread(target=self._time, args=(measure,), name="job clock", daemon=True).start()
-
-    def _time(self, measure: Callable[[], StepSpeed]) -> None:
-        try:
-            started = time.perf_counter()
-            self.speed = measure()
-            LOG.info(
-                "Timed this server in %.1f s: a step costs %.3f s plus %.3f s per 100,000 pixels.",
-                time.perf_counter() - started,
-                self.speed.fixed,
-                self.speed.per_pixel * 1e5,
-            )
-        except Exception:  # the first job measures it instead; the log says why
-            LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
-        finally:
-            self.timed.set()
-
-    def record(self, timer: StepTimer, work_done: float) -> None:
-        """A running job's speed, from its `timer`, once it has done `work_done` >= the sample's work."""
-        speed = timer.speed()
-        if speed is not None and work_done >= self.least_work:
-            self.speed = speed
-
-    def estimate(self, content_size: tuple[int, int], settings: Settings) -> float | None:
-        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known."""
-        if self.speed is None:
-            return None
-        return sum(
-            self.speed.seconds(scale.steps, scale.steps * scale.step_cost) for scale in plan(content_size, settings)
-        )
-
-    def check(self, content_size: tuple[int, int], settings: Settings, preset: str) -> None:
-        """Refuse a job that would hold the worker longer than LIMITS.max_job_seconds, naming the largest size that
-        fits."""
-        estimate = self._over_limit(content_size, settings)
-        if estimate is None:
-            return
-        sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
-        fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size))), None)
-        advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
-        limit = _about(LIMITS.max_job_seconds)
-        raise SettingsError(
-            f"A {settings.size} px picture with the {preset} preset would take about "
-            f"{_about(estimate)} on this server; the limit is {limit}. {advice}"
-        )
-
-    def _over_limit(self, content_size: tuple[int, int], settings: Settings) -> float | None:
-        """A job's estimated seconds where they pass the limit; None where it may run."""
-        limit = LIMITS.max_job_seconds
-        if limit == math.inf:  # no limit: nothing to wait for
-            return None
-        self.timed.wait()
-        estimate = self.estimate(content_size, settings)
-        if estimate is None or job_work(content_size, settings) <= self.least_work:
-            return None
-        return estimate if estimate > limit else None
-
-    def _fits(self, content_size: tuple[int, int], settings: Settings) -> bool:
-        try:
-            return self._over_limit(content_size, settings) is None
-        except SettingsError:  # too small for this photo's shape
-            return False
 
 
 def max_size(gpu: bool) -> int:
@@ -223,7 +127,7 @@ def admit(
             f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
             f"{limit / 1e6:.0f}. Use fewer or smaller images."
         )
-    clock.check(sizes[0], settings, preset)
+    clock.check(sizes[0], settings, preset, LIMITS.max_job_seconds)
     return sizes[0]
 
 
@@ -233,10 +137,6 @@ def _uploaded(path: str, what: str) -> str:
     if not Path(path).is_file():
         raise ImageError(f"The {what} is no longer on the server (uploads are deleted after a while). Upload it again.")
     return path
-
-
-def _about(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 # --- who a request comes from --------------------------------------------------------------------------------
@@ -371,7 +271,7 @@ class Guard:
                 send,
                 429,
                 f"You have uploaded {stored / 2**20:.1f} MB in the last "
-                f"{_about(LIMITS.keep_seconds)}, the most one visitor may store; try again later.",
+                f"{about(LIMITS.keep_seconds)}, the most one visitor may store; try again later.",
             )
         response = HeldResponse()
         try:

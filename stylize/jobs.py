@@ -30,8 +30,8 @@ from .device import gpu_names, pick_device
 from .engine import transfer
 from .images import load_image, load_opacity, result_metadata, save_png
 from .plan import job_work
-from .settings import Settings, SettingsError, brief
-from .timing import StepSpeed, StepTimer
+from .settings import PRESETS, Settings, SettingsError, brief, knob
+from .timing import GPU_SPEED, SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
 
 try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere it leaves the function as it is.
     from spaces import GPU
@@ -54,14 +54,14 @@ def device_kind() -> str:
 
 
 @functools.cache
-def job_clock() -> guard.JobClock:
+def job_clock() -> JobClock:
     """This server's speed: what a job will cost before it starts. Timed in the background on a CPU; on a GPU,
     which the app's own process may not touch (ZeroGPU lends one to each run only), a guess until the first job
     measures it. Every job measures it again as it runs."""
     if device_kind() == "gpu":
-        return guard.JobClock(guard.GPU_SPEED)
-    clock = guard.JobClock()
-    clock.time_in_background(functools.partial(sample_speed, guard.SAMPLE_PHOTO, Settings(**guard.SAMPLE)))
+        return JobClock(GPU_SPEED)
+    clock = JobClock()
+    clock.time_in_background(functools.partial(sample_speed, SAMPLE_PHOTO, Settings(**SAMPLE)))
     return clock
 
 
@@ -363,3 +363,33 @@ def _stopped_at(frame: Frame) -> str:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+def api_help(kind: str) -> dict[str, str]:
+    """The /stylize endpoint's parameters, described with the same help texts as the page's controls, for a
+    `kind` ("cpu" or "gpu") server's presets."""
+    helps = {
+        name: knob(name)["help"]
+        for name in (
+            "style_strength",
+            "content_strength",
+            "preserve_colors",
+            "style_scale",
+            "optimizer",
+            "seed",
+            "smoothing",
+        )
+    }
+    helps |= {
+        "content": "The photo to repaint (JPEG, PNG or WebP).",
+        "style": "The artwork whose style is painted onto the photo.",
+        "preset": "Quality: "
+        + "; ".join(f"{name}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[kind].items())
+        + ".",
+        "size": knob("size")["help"] + " Left out: the preset's size.",
+        "extra_styles": "More style images, blended with the style artwork.",
+        "style_weights": knob("style_weights")["help"] + " The first is the style artwork's, then one per extra "
+        "image, separated by commas.",
+        "mask": "Where the style goes: the painted layers of an image editor value (nothing painted: everywhere).",
+    }
+    return helps

@@ -12,11 +12,13 @@ All statistics are computed in float32 (features from a reduced-precision networ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from .settings import Settings, SettingsError
+from .vgg import stride
 
 
 @dataclass(frozen=True)
@@ -277,3 +279,45 @@ def tv_loss(image: torch.Tensor) -> torch.Tensor:
     dx = torch.nn.functional.pad(image[..., :, 1:] - image[..., :, :-1], (0, 1, 0, 0))
     dy = torch.nn.functional.pad(image[..., 1:, :] - image[..., :-1, :], (0, 0, 0, 1))
     return (dx.square() + dy.square()).mean()
+
+
+STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)
+
+
+@torch.no_grad()
+def tiled_gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str], tile: int) -> dict[str, Gaussian]:
+    """Gaussians of an image's activations; where it is bigger than `tile`, summed over tiles that see a margin
+    of context around them, so that memory follows the tile and every position counts once, as in the whole."""
+    height, width = image.shape[-2:]
+    if not tile or max(height, width) <= tile:
+        features = vgg(image)
+        return {name: gaussian(features[name]) for name in layers}
+    core = max(16, (tile - 2 * STATISTICS_MARGIN) // 16 * 16)  # whole pooling cells: crops line up at every layer
+    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in layers}  # positions, sum of f, sum of f·fᵀ
+    for top, left in itertools.product(range(0, height, core), range(0, width, core)):
+        y0, x0 = max(0, top - STATISTICS_MARGIN), max(0, left - STATISTICS_MARGIN)
+        features = vgg(
+            image[
+                ..., y0 : min(height, top + core + STATISTICS_MARGIN), x0 : min(width, left + core + STATISTICS_MARGIN)
+            ]
+        )
+        for name in layers:
+            f = stride(name)
+            kept = (
+                features[name][
+                    0,
+                    :,
+                    (top - y0) // f : (min(height, top + core) - y0) // f,
+                    (left - x0) // f : (min(width, left + core) - x0) // f,
+                ]
+                .flatten(1)
+                .double()
+            )
+            sums[name][0] += kept.shape[1]
+            sums[name][1] += kept.sum(1)
+            sums[name][2] += kept @ kept.T
+    out = {}
+    for name, (count, total, products) in sums.items():
+        mean = total / count
+        out[name] = Gaussian(mean.float(), (products / count - torch.outer(mean, mean)).float())
+    return out

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from . import images
-from .settings import Settings, SettingsError
+from .device import free_memory
+from .settings import MIN_TILE_SIZE, Settings, SettingsError
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
 TILE_OVERLAP = 64  # px that neighbouring tiles share, blended with feathered edges
+# Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
+# spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
+BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
+PICTURE_BYTES_PER_PIXEL = 80
 
 
 @dataclass(frozen=True)
@@ -123,3 +132,25 @@ def job_work(content_size: tuple[int, int], settings: Settings) -> int:
     """The total work of a transfer of a `content_size` photo (see work_done), known before it starts (tiles
     that memory may call for, and their overlap, left out)."""
     return work_done(plan(content_size, settings))[-1]
+
+
+def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
+    """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
+    never); a size that does not fit even so is refused now rather than killed half-way."""
+    free = free_memory(device)
+    per_pixel = BYTES_PER_PIXEL[precision]
+
+    def fitted(scale: Scale) -> Scale:
+        width, height = scale.size
+        if scale.tile or free is None or per_pixel * width * height <= free:
+            return scale
+        side = math.isqrt(max(0, free - PICTURE_BYTES_PER_PIXEL * width * height) // per_pixel) // 16 * 16
+        if settings.tile_size == 0 or side < MIN_TILE_SIZE:
+            raise SettingsError(
+                f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
+                f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
+                f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE else ".")
+            )
+        return replace(scale, tile=side)
+
+    return [fitted(scale) for scale in scales]

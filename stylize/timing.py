@@ -1,14 +1,24 @@
 """How long a run takes on this server: a step costs a fixed time plus a time per pixel it optimizes.
 
-Both parts are measured from a run's own pictures (`StepTimer`); the job clock (`guard.JobClock`) keeps the
+Both parts are measured from a run's own pictures (`StepTimer`); the job clock (`JobClock`) keeps the
 latest run's, and the next run's time left starts from it (`TimeLeft`). One number per pixel instead would price
 a 512 px step from a 128 px one, whose time is mostly the fixed part: estimates 2 to 5 times off.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
+
+from .plan import job_work, plan
+from .settings import Settings, SettingsError
+
+LOG = logging.getLogger(__name__)
 
 PRIOR_STEPS = 10  # how many of a run's steps the server's speed from the runs before counts for
 
@@ -105,3 +115,97 @@ class TimeLeft:
         measured = self.timer.measured.values()
         paces = sum(steps * seconds / self.prior.seconds(1, pixels) for pixels, seconds, steps in measured)
         return (PRIOR_STEPS + paces) / (PRIOR_STEPS + sum(steps for *_, steps in measured))
+
+
+# The transfer the server times: a draft's size, so that its time is mostly the per-pixel work that the work model
+# counts (a smaller one is mostly per-step costs it leaves out); a few seconds on a 2-core CPU.
+SAMPLE = {"size": 256, "steps": 24}
+SAMPLE_PHOTO = (256, 192)  # a photo's usual shape
+GPU_SPEED = StepSpeed(fixed=0.0, per_pixel=2e-7)  # a GPU's until its first job measures it: a T4's, fp16 at 512 px
+
+
+class JobClock:
+    """This server's speed (`timing.StepSpeed`): what a job will cost before it starts.
+
+    Measured in the background at start-up (`time_in_background`; jobs that come meanwhile wait for it), then
+    taken again from every job as it runs, once it has done as much work as the sample: the speed of a busy
+    machine changes. Jobs no bigger than the sample are never refused: a server always makes its lightest job.
+    """
+
+    def __init__(self, speed: StepSpeed | None = None):
+        self.speed = speed
+        self.timed = threading.Event()  # set once there is a speed to go by, or measuring it failed
+        if speed is not None:
+            self.timed.set()
+        self.least_work = job_work(SAMPLE_PHOTO, Settings(**SAMPLE))
+
+    def time_in_background(self, measure: Callable[[], StepSpeed]) -> None:
+        LOG.info(
+            "Timing this server in the background: a %d px transfer of %d steps (seconds; a job that comes "
+            "meanwhile waits for it).",
+            SAMPLE["size"],
+            SAMPLE["steps"],
+        )
+        threading.Thread(target=self._time, args=(measure,), name="job clock", daemon=True).start()
+
+    def _time(self, measure: Callable[[], StepSpeed]) -> None:
+        try:
+            started = time.perf_counter()
+            self.speed = measure()
+            LOG.info(
+                "Timed this server in %.1f s: a step costs %.3f s plus %.3f s per 100,000 pixels.",
+                time.perf_counter() - started,
+                self.speed.fixed,
+                self.speed.per_pixel * 1e5,
+            )
+        except Exception:  # the first job measures it instead; the log says why
+            LOG.exception("Timing this server failed; jobs are admitted until one has measured it.")
+        finally:
+            self.timed.set()
+
+    def record(self, timer: StepTimer, work_done: float) -> None:
+        """A running job's speed, from its `timer`, once it has done `work_done` >= the sample's work."""
+        speed = timer.speed()
+        if speed is not None and work_done >= self.least_work:
+            self.speed = speed
+
+    def estimate(self, content_size: tuple[int, int], settings: Settings) -> float | None:
+        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known."""
+        if self.speed is None:
+            return None
+        return sum(
+            self.speed.seconds(scale.steps, scale.steps * scale.step_cost) for scale in plan(content_size, settings)
+        )
+
+    def check(self, content_size: tuple[int, int], settings: Settings, preset: str, limit: float) -> None:
+        """Refuse a job that would hold the worker longer than `limit` seconds, naming the largest size that fits."""
+        estimate = self._over_limit(content_size, settings, limit)
+        if estimate is None:
+            return
+        sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
+        fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size), limit)), None)
+        advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
+        raise SettingsError(
+            f"A {settings.size} px picture with the {preset} preset would take about "
+            f"{about(estimate)} on this server; the limit is {about(limit)}. {advice}"
+        )
+
+    def _over_limit(self, content_size: tuple[int, int], settings: Settings, limit: float) -> float | None:
+        """A job's estimated seconds where they pass `limit`; None where it may run."""
+        if limit == math.inf:  # no limit: nothing to wait for
+            return None
+        self.timed.wait()
+        estimate = self.estimate(content_size, settings)
+        if estimate is None or job_work(content_size, settings) <= self.least_work:
+            return None
+        return estimate if estimate > limit else None
+
+    def _fits(self, content_size: tuple[int, int], settings: Settings, limit: float) -> bool:
+        try:
+            return self._over_limit(content_size, settings, limit) is None
+        except SettingsError:  # too small for this photo's shape
+            return False
+
+
+def about(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

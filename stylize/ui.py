@@ -27,7 +27,7 @@ from starlette.middleware import Middleware  # gradio's web framework
 from . import guard, jobs
 from .components import Number, Page, Radio, RegionEditor, Slider, Upload
 from .images import MAX_BYTES, ImageError, image_size
-from .jobs import PRESET_LABELS, WEIGHTS_TEXT_LENGTH, device_kind, job_clock
+from .jobs import PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_help, device_kind, job_clock
 from .link_preview import ASSETS, DESCRIPTION, TITLE, LinkPreview
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
 from .ssr import SSR_NODE_MAJOR, ssr_available, ssr_check
@@ -46,25 +46,6 @@ REGION = "Region: paint where the style goes (nothing painted: everywhere)"
 HISTORY_LENGTH = 12  # results kept in a browser session's gallery
 STOP_FLAGS: dict[str, threading.Event] = {}  # per page session: its Stop sets it, its run ends at its next picture
 RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started them
-CSS = """
-#status progress { width: 100%; height: 0.5rem; appearance: none; border: none; border-radius: 0.25rem;
-                   overflow: hidden; background: var(--neutral-200); }
-#status progress::-webkit-progress-bar { background: var(--neutral-200); }
-#status progress::-webkit-progress-value { background: var(--primary-500); }
-#status progress::-moz-progress-bar { background: var(--primary-500); }
-#status p { margin: 0.25rem 0 0; font-variant-numeric: tabular-nums; }
-#notice { border-left: 4px solid #e8a33d; padding: 0.5rem 0.75rem; background: rgba(232, 163, 61, 0.12); }
-/* The result box takes the picture's shape (no empty bands around a landscape one on a phone); every scale
-   is shown at the same width. */
-#result .image-container { height: auto; min-height: 12rem; }
-#result .image-frame, #result img { width: 100%; }
-#result img { height: auto; max-height: 75vh; object-fit: contain; }
-#history .grid-wrap { padding-top: 2.25rem; }  /* the label floats over the thumbnails' first row */
-/* An empty gallery's invitation is gradio's "Drop Media Here" (an i18n text that launch(i18n=) cannot replace). */
-#extra-styles [data-testid="upload-text"] { font-size: 0; }
-#extra-styles [data-testid="upload-text"]::after { content: "Drop style images here, or click to choose them";
-                                                   font-size: var(--text-lg); }
-"""
 # The status line is plain text (what an API caller gets); the page draws a progress bar from its "step N of M".
 STATUS_TEMPLATE = (
     '${/step \\d+ of \\d+/.test(value) ? `<progress value="${value.match(/step (\\d+) of/)[1]}" '
@@ -262,7 +243,7 @@ def launch_options() -> dict[str, Any]:
     return {
         "max_file_size": MAX_BYTES,
         "ssr_mode": ssr,
-        "css": CSS,
+        "css_paths": [Path(__file__).with_name("page.css")],
         "theme": gr.themes.Soft(primary_hue="indigo"),
         "run_history": False,
         "app_kwargs": {
@@ -421,37 +402,11 @@ def _request_stop(request: gr.Request) -> gr.Button:
 
 
 def _api_help() -> dict[str, str]:
-    """The /stylize endpoint's parameter descriptions, from the same help texts as the page's controls: for the API
-    page, gradio_client's view_api() and MCP tools (which read them from the handler's docstring, set here too)."""
-    helps = {
-        name: knob(name)["help"]
-        for name in (
-            "style_strength",
-            "content_strength",
-            "preserve_colors",
-            "style_scale",
-            "optimizer",
-            "seed",
-            "smoothing",
-        )
-    }
-    helps |= {
-        "content": "The photo to repaint (JPEG, PNG or WebP).",
-        "style": "The artwork whose style is painted onto the photo.",
-        "preset": "Quality: "
-        + "; ".join(f"{name}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[device_kind()].items())
-        + ".",
-        "size": knob("size")["help"] + " Left out: the preset's size.",
-        "extra_styles": "More style images, blended with the style artwork.",
-        "style_weights": knob("style_weights")["help"] + " The first is the style artwork's, then one per extra "
-        "image, separated by commas.",
-        "mask": "Where the style goes: the painted layers of an image editor value (nothing painted: everywhere).",
-    }
-    stylize.__doc__ = (
-        (stylize.__doc__ or "").split("\n\n")[0]
-        + "\n\nArgs:\n"
-        + "".join(f"    {name}: {text}\n" for name, text in helps.items())
-    )
+    """The /stylize endpoint's parameter descriptions (jobs.api_help), for the API page and gradio_client's
+    view_api(); MCP tools read them from the handler's docstring, set here too."""
+    helps = api_help(device_kind())
+    args = "".join(f"    {name}: {text}\n" for name, text in helps.items())
+    stylize.__doc__ = (stylize.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + args
     return helps
 
 

@@ -178,7 +178,7 @@ def test_output_too_small_for_a_long_thin_image_is_refused():
 
 
 def test_a_size_that_would_not_fit_in_memory_is_refused_before_starting(monkeypatch, content_image, style_image):
-    monkeypatch.setattr("stylize.engine.free_memory", lambda device: 100 * 2**20)
+    monkeypatch.setattr("stylize.plan.free_memory", lambda device: 100 * 2**20)
     with pytest.raises(SettingsError, match="needs about .* GB of memory .* choose a smaller size"):
         transfer(content_image, style_image, Settings(size=2048))
 

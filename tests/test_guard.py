@@ -17,23 +17,23 @@ from starlette.responses import JSONResponse
 from stylize import Settings, SettingsError
 from stylize import guard as guard_module
 from stylize.engine import transfer
-from stylize.guard import SAMPLE, SAMPLE_PHOTO, Guard, JobClock, client_of, sweep, sweeping
+from stylize.guard import Guard, client_of, sweep, sweeping
 from stylize.jobs import sample_speed
 from stylize.plan import job_work, plan
-from stylize.timing import StepSpeed, StepTimer
+from stylize.timing import SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
 
 PHOTO = (4000, 3000)
 
 
 def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(monkeypatch):
-    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=300))
+    limit = 300
     clock = JobClock(StepSpeed(fixed=0.01, per_pixel=1e-5))
     fine = Settings(size=2048, steps=400)
     seconds = clock.estimate(PHOTO, fine)
     assert seconds > 300  # the test's premise: this job is too long at this speed
 
     with pytest.raises(SettingsError) as error:
-        clock.check(PHOTO, fine, "Fine")
+        clock.check(PHOTO, fine, "Fine", limit)
     message = str(error.value)
     assert message.startswith(
         f"A 2048 px picture with the Fine preset would take about {seconds / 60:.0f} min on "
@@ -43,7 +43,7 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(
     assert fits % 32 == 0
     assert clock.estimate(PHOTO, Settings(size=fits, steps=400)) <= 300
     assert clock.estimate(PHOTO, Settings(size=fits + 32, steps=400)) > 300
-    clock.check(PHOTO, Settings(size=fits, steps=400), "Fine")  # and that size is taken
+    clock.check(PHOTO, Settings(size=fits, steps=400), "Fine", limit)  # and that size is taken
 
 
 def test_a_job_costs_its_steps_and_its_pixels():
@@ -55,9 +55,9 @@ def test_a_job_costs_its_steps_and_its_pixels():
 
 
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
-    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=1))
+    limit = 1
     with pytest.raises(SettingsError, match="Choose a lighter preset"):
-        JobClock(StepSpeed(fixed=1.0, per_pixel=0)).check(PHOTO, Settings(size=512, steps=250), "Standard")
+        JobClock(StepSpeed(fixed=1.0, per_pixel=0)).check(PHOTO, Settings(size=512, steps=250), "Standard", limit)
 
 
 def timed(scales: list[tuple[tuple[int, int], int, float]]) -> StepTimer:
@@ -72,15 +72,15 @@ def timed(scales: list[tuple[tuple[int, int], int, float]]) -> StepTimer:
 
 def test_a_clock_fed_a_pessimistic_timing_recovers_at_the_first_job(monkeypatch):
     """A start-up timing on a busy machine overestimated jobs 10 to 25 times: a running job corrects it."""
-    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=300))
+    limit = 300
     standard = Settings(size=512, steps=250)
     clock = JobClock(StepSpeed(fixed=0, per_pixel=20 * 100 / job_work(PHOTO, standard)))  # 33 min; it takes 100 s
     with pytest.raises(SettingsError):
-        clock.check(PHOTO, standard, "Standard")
+        clock.check(PHOTO, standard, "Standard", limit)
     first_job = timed([((128, 96), 30, 0.1), ((181, 136), 30, 0.15)])  # a step: 0.05 s + about 4 us per pixel
     clock.record(first_job, work_done=clock.least_work)
     assert clock.speed.fixed == pytest.approx(0.05, rel=0.05) and clock.speed.per_pixel == pytest.approx(4e-6, rel=0.05)
-    clock.check(PHOTO, standard, "Standard")
+    clock.check(PHOTO, standard, "Standard", limit)
 
 
 def test_the_clock_does_not_learn_from_less_work_than_its_sample():
@@ -93,16 +93,16 @@ def test_the_clock_does_not_learn_from_less_work_than_its_sample():
 
 
 def test_a_server_never_refuses_its_lightest_job(monkeypatch):
-    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, max_job_seconds=20))
+    limit = 20
     clock = JobClock(StepSpeed(fixed=1.0, per_pixel=1.0))  # however slow it thinks it is
-    clock.check(PHOTO, Settings(size=64, steps=120), "Fast draft")
+    clock.check(PHOTO, Settings(size=64, steps=120), "Fast draft", limit)
 
 
 def test_the_clock_estimates_a_real_job_from_its_background_timing(caplog):
     """The timing is of representative work: a draft's estimate is near its real time (it was 10 to 25 times
     over with a tiny timed transfer on a busy machine)."""
     clock = JobClock()
-    with caplog.at_level("INFO", logger="stylize.guard"):
+    with caplog.at_level("INFO", logger="stylize.timing"):
         clock.time_in_background(functools.partial(sample_speed, SAMPLE_PHOTO, Settings(**SAMPLE)))
         assert "Timing this server in the background" in caplog.text  # said before it starts
         assert clock.timed.wait(timeout=300)

@@ -48,6 +48,7 @@ from PIL import Image
 
 import stylize.engine
 import stylize.jobs
+import stylize.plan
 import stylize.ui
 from stylize.cli import main as cli_main
 from stylize.vgg import WeightsError
@@ -353,7 +354,7 @@ def test_twenty_jobs_leave_memory_where_it_started(client, good, capsys):
 
 
 def test_a_size_too_large_for_free_memory_is_refused_and_smaller_ones_still_run(client, good, monkeypatch):
-    monkeypatch.setattr(stylize.engine, "free_memory", lambda device: 2**27)  # 128 MiB free: not even tiles fit
+    monkeypatch.setattr(stylize.plan, "free_memory", lambda device: 2**27)  # 128 MiB free: not even tiles fit
     refused(client, good, "choose a smaller size", size=2048)  # the normal job inside runs under the same limit
 
 
@@ -660,7 +661,7 @@ def test_cli_bad_input_gives_one_line_then_a_normal_run_works(cli_inputs, tmp_pa
 
 
 def test_cli_out_of_memory_gives_one_line(cli_inputs, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(stylize.engine, "free_memory", lambda device: 2**27)
+    monkeypatch.setattr(stylize.plan, "free_memory", lambda device: 2**27)
     out = tmp_path / "big.png"
     assert cli_main([str(cli_inputs / "photo.jpg"), str(cli_inputs / "art.png"), "-o", str(out), "--size", "2048"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -10,7 +10,8 @@ from helpers import artwork, photo, style_distance
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer
-from stylize.engine import _gaussians, fit_in_memory
+from stylize.engine import fit_in_memory
+from stylize.losses import tiled_gaussians
 from stylize.plan import TILE_OVERLAP, Scale, _spans, plan
 from stylize.vgg import feature_extractor
 
@@ -39,18 +40,18 @@ def test_the_grid_moves_between_passes():
 
 def test_only_what_does_not_fit_is_tiled(monkeypatch):
     settings = Settings(size=2048, steps=100)
-    monkeypatch.setattr("stylize.engine.free_memory", lambda device: 3 * 2**30)
+    monkeypatch.setattr("stylize.plan.free_memory", lambda device: 3 * 2**30)
     scales = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16")
     assert scales[0].tile == 0 and scales[-1].tile >= 512  # small scales whole, the largest in tiles
     assert all(scale.tile == 0 or scale.tile < max(scale.size) for scale in scales)
-    monkeypatch.setattr("stylize.engine.free_memory", lambda device: 64 * 2**30)
+    monkeypatch.setattr("stylize.plan.free_memory", lambda device: 64 * 2**30)
     assert all(scale.tile == 0 for scale in fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16"))
 
 
 def test_tile_size_asks_for_tiles_or_forbids_them(monkeypatch):
     scales = plan((400, 300), Settings(size=400, steps=40, tile_size=256))
     assert [scale.tile for scale in scales] == [0, 0, 0, 256, 256]  # up to 256 px whole, then tiled
-    monkeypatch.setattr("stylize.engine.free_memory", lambda device: 2**30)
+    monkeypatch.setattr("stylize.plan.free_memory", lambda device: 2**30)
     never = Settings(size=4096, tile_size=0)
     with pytest.raises(SettingsError, match="choose a smaller size or let it be made in tiles"):
         fit_in_memory(plan((4000, 3000), never), never, CPU, "bf16")
@@ -62,8 +63,8 @@ def test_statistics_taken_in_tiles_are_those_of_the_whole():
     settings = Settings()
     vgg = feature_extractor(settings.layers, "untrained", "cpu")
     image = torch.from_numpy(np.asarray(artwork(400, 300, period=12), np.float32) / 255).permute(2, 0, 1)[None]
-    whole = _gaussians(vgg, image, list(settings.style_layers), tile=0)
-    tiled = _gaussians(vgg, image, list(settings.style_layers), tile=256)
+    whole = tiled_gaussians(vgg, image, list(settings.style_layers), tile=0)
+    tiled = tiled_gaussians(vgg, image, list(settings.style_layers), tile=256)
     for name in settings.style_layers:
         assert torch.allclose(tiled[name].mean, whole[name].mean, rtol=0.02, atol=1e-3), name
         error = (tiled[name].cov - whole[name].cov).norm() / whole[name].cov.norm()

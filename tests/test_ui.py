@@ -23,12 +23,11 @@ from PIL import Image
 import stylize.engine
 import stylize.ui
 import stylize.vgg
-from stylize.guard import SAMPLE
 from stylize.images import MAX_BYTES
 from stylize.jobs import Frame
 from stylize.plan import Scale, scale_sizes, split_steps, work_done
 from stylize.settings import knob
-from stylize.timing import StepTimer, TimeLeft
+from stylize.timing import SAMPLE, StepTimer, TimeLeft
 from stylize.ui import SSR_NODE_MAJOR, launch_options, ssr_available
 
 pytestmark = pytest.mark.e2e  # live servers: left out with -m "not e2e"
