@@ -302,13 +302,13 @@ def tiled_gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str]
             ]
         )
         for name in layers:
-            f = stride(name)
+            f = stride(name)  # ceil division at the picture's end: its partial last cell is pooled (ceil mode)
             kept = (
                 features[name][
                     0,
                     :,
-                    (top - y0) // f : (min(height, top + core) - y0) // f,
-                    (left - x0) // f : (min(width, left + core) - x0) // f,
+                    (top - y0) // f : -(-(min(height, top + core) - y0) // f),
+                    (left - x0) // f : -(-(min(width, left + core) - x0) // f),
                 ]
                 .flatten(1)
                 .double()
