@@ -93,3 +93,9 @@ def one_range_at_most(scope: dict) -> dict:
         if key.lower() != b"range" or _ONE_RANGE.fullmatch(value.strip())
     ]
     return scope if len(headers) == len(scope["headers"]) else {**scope, "headers": headers}
+
+
+def with_header(scope: dict, name: str, value: str) -> dict:
+    """The request with header `name` (lower case) set to `value`, whatever the sender put there."""
+    headers = [(key, old) for key, old in scope["headers"] if key.lower() != name.encode()]
+    return {**scope, "headers": [*headers, (name.encode(), value.encode())]}

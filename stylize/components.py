@@ -8,9 +8,12 @@ its server side differs. Each override has a test that fails when it stops worki
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
+import httpx
 import pydantic
 
 
@@ -119,22 +122,45 @@ class Page(gr.Blocks):
             ) from None
 
 
-def _mcp_outputs_as_a_list() -> None:
-    """gradio 6.31's MCP server, called without a progress token, wraps the outputs of an event that has several
-    (a tuple from gradio_client) in a list as if they were one, and the tool returns the tuple's text, not the
-    picture. gradio makes its MCP server itself, so no subclass can stand in: this replaces the one method on
-    its class, the one place the app reaches into gradio (tests/test_deploy.py's MCP test fails if a gradio
-    upgrade changes it)."""
+def _mcp_tool_calls_as_the_page_makes_them() -> None:
+    """Two fixes to gradio 6.31's MCP server, which makes each tool call through gradio_client:
+    - called without a progress token, it wraps the outputs of an event that has several (a tuple from
+      gradio_client) in a list as if they were one, and the tool returns the tuple's text, not the picture;
+    - a join the guard refuses reaches the caller as httpx's error, which names the server's internal queue URL
+      and not the reason; the caller gets the reason, as the page does.
+    gradio makes its MCP server itself, so no subclass can stand in: this replaces the two methods that wait for
+    a call's job on its class, the one place the app reaches into gradio (tests/test_deploy.py's MCP tests fail
+    if a gradio upgrade changes them)."""
     try:
         from gradio.mcp import GradioMCPServer
     except ImportError:  # no MCP extra: no MCP server
         return
+    with_progress = GradioMCPServer._execute_tool_with_progress
 
-    async def without_progress(self: Any, job: Any) -> list[Any]:
-        result = await asyncio.to_thread(job.result)
+    async def without_progress_fixed(self: Any, job: Any) -> list[Any]:
+        with _refusal_in_words():
+            result = await asyncio.to_thread(job.result)
         return list(result) if isinstance(result, tuple) else [result]
 
-    GradioMCPServer._execute_tool_without_progress = without_progress
+    async def with_progress_fixed(self: Any, job: Any, progress_token: str | int) -> Any:
+        with _refusal_in_words():
+            return await with_progress(self, job, progress_token)
+
+    GradioMCPServer._execute_tool_without_progress = without_progress_fixed
+    GradioMCPServer._execute_tool_with_progress = with_progress_fixed
 
 
-_mcp_outputs_as_a_list()
+@contextlib.contextmanager
+def _refusal_in_words() -> Iterator[None]:
+    """A request the server refused (guard.py's refusals have a `detail`) raises its reason."""
+    try:
+        yield
+    except httpx.HTTPStatusError as error:
+        try:
+            reason = error.response.json()["detail"]
+        except (ValueError, KeyError, TypeError):
+            reason = f"The server refused the job ({error.response.status_code}); try again later."
+        raise RuntimeError(str(reason)) from None
+
+
+_mcp_tool_calls_as_the_page_makes_them()

@@ -10,12 +10,16 @@ runs `sweeping` for the app's lifetime.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -25,7 +29,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
-from .asgi import HeldResponse, body_of, drain, one_range_at_most, refuse, replay
+from .asgi import HeldResponse, body_of, drain, one_range_at_most, refuse, replay, with_header
 from .images import ImageError, image_size
 from .settings import Settings, SettingsError
 from .timing import JobClock, about
@@ -171,6 +175,32 @@ def visitor_address(peer: str | None, forwarded: str) -> str | None:
     return next((address for address in chain if not _is_one_of(address, proxies)), chain[-1])
 
 
+# gradio's MCP server makes each tool call as a request of its own to the queue, from this machine, copying the
+# caller's headers, in one session shared by every caller. So the guard names the caller of each MCP request in
+# a header signed with this process's key, and the queue's join counts the job against that caller; the same
+# header from anyone else is ignored.
+CALLER_HEADER = "x-stylize-caller"
+_CALLER_KEY = secrets.token_bytes(32)
+
+
+def vouch(client: str) -> str:
+    """`client` as CALLER_HEADER carries it: its name, and the name's signature."""
+    name = base64.urlsafe_b64encode(client.encode()).decode()
+    return f"{name}.{_signature(name)}"
+
+
+def vouched(value: str) -> str | None:
+    """The client a CALLER_HEADER value names, if this process signed it."""
+    name, _, signature = value.partition(".")
+    if not hmac.compare_digest(signature.encode(), _signature(name).encode()):
+        return None
+    return base64.urlsafe_b64decode(name).decode()
+
+
+def _signature(name: str) -> str:
+    return hmac.new(_CALLER_KEY, name.encode(), hashlib.sha256).hexdigest()
+
+
 def _is_one_of(address: str | None, networks: list) -> bool:
     try:
         return any(ipaddress.ip_address(address or "") in network for network in networks)
@@ -227,10 +257,13 @@ class Guard:
             data = None
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
             return await self._join(scope, replay(body, receive), send, _session(data))
+        if f"{scope['path']}/".count("/mcp/"):  # an MCP tool call: its job will count against this caller
+            scope = with_header(scope, CALLER_HEADER, vouch(client_of(_peer(scope), Headers(scope=scope), None)))
         await self.app(scope, replay(body, receive), send)
 
     async def _join(self, scope: dict, receive: Callable, send: Callable, session: str | None) -> None:
-        client = client_of(_peer(scope), Headers(scope=scope), session)
+        headers = Headers(scope=scope)
+        client = vouched(headers.get(CALLER_HEADER, "")) or client_of(_peer(scope), headers, session)
         waiting = self.clients_in_line(scope["app"]).count(client) + self.joining[client]
         if waiting >= LIMITS.jobs_per_client:
             return await refuse(
@@ -238,8 +271,8 @@ class Guard:
                 receive,
                 send,
                 429,
-                f"You have {waiting} pictures waiting or being "
-                f"made, the most one visitor may have; wait for one to finish.",
+                f"You have {waiting} {'picture' if waiting == 1 else 'pictures'} waiting or being made, the most "
+                "one visitor may have; wait for one to finish.",
             )
         self.joining[client] += 1  # no await since the count: two joins at once cannot both pass
         try:

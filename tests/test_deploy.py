@@ -17,12 +17,13 @@ import httpx
 import pytest
 import torch
 from gradio_client import Client, handle_file
-from helpers import artwork, live_app, photo
+from helpers import artwork, live_app, photo, wait_until
 from PIL import Image
 
 import stylize.device
 import stylize.engine
 import stylize.jobs
+import stylize.ui
 from stylize import Settings, SettingsError
 from stylize.jobs import GpuShare
 from stylize.settings import PRESET_NAMES, PRESETS, knob
@@ -167,7 +168,9 @@ def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
 def test_an_assistant_calls_the_mcp_tool_with_pictures_and_gets_the_picture(tmp_path, pictures):
     """The README's way for an assistant on any machine: the pictures as data: URLs (a URL on 127.0.0.1 is refused
     by gradio's server-side request forgery check, and a bare path is not taken). Every job used to come back as
-    "pop index out of range"; a refusal comes back with its own message."""
+    "pop index out of range"; a refusal comes back with its own message, the guard's too (it named the server's
+    internal queue URL), and a caller's jobs count against that caller (gradio's MCP server joins the queue for
+    every caller itself, in one session)."""
     pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
     import asyncio
     import base64
@@ -178,16 +181,29 @@ def test_an_assistant_calls_the_mcp_tool_with_pictures_and_gets_the_picture(tmp_
     def data_url(path: str) -> str:
         return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
-    async def call(url: str, **arguments: object) -> object:
-        async with streamablehttp_client(url) as (read, write, _), ClientSession(read, write) as session:
+    async def call(url: str, visitor: str, **arguments: object) -> object:
+        headers = {"x-forwarded-for": visitor}  # as a proxy here that tells visitors apart would say
+        async with streamablehttp_client(url, headers) as (read, write, _), ClientSession(read, write) as session:
             await session.initialize()
             return await session.call_tool("stylize", arguments)
 
-    with pytest.warns() as warned, live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true") as app:
+    pair = {"content": data_url(pictures[0]), "style": data_url(pictures[1])}
+    limits = {"STYLIZE_TRUSTED_PROXIES": "127.0.0.1", "STYLIZE_JOBS_PER_CLIENT": "1"}
+    with pytest.warns() as warned, live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true", **limits) as app:
         url = f"{app.local_url}gradio_api/mcp/"
-        done = asyncio.run(call(url, content=data_url(pictures[0]), style=data_url(pictures[1]), preset="draft"))
-        refused = asyncio.run(call(url, content=data_url(pictures[0]), style=data_url(pictures[1]), seed=-1))
+        page = Client(app.local_url, verbose=False, headers={"X-Forwarded-For": "151.101.1.1"})
+        running = page.submit(
+            content=handle_file(pictures[0]), style=handle_file(pictures[1]), preset="fine", api_name="/stylize"
+        )
+        wait_until(lambda: "151.101.1.1" in stylize.ui._clients_in_line(app.app), what="the page's job in line")
+        over_limit = asyncio.run(call(url, "151.101.1.1", **pair, preset="draft"))
+        running.cancel()
+        done = asyncio.run(call(url, "151.101.2.2", **pair, preset="draft"))
+        refused = asyncio.run(call(url, "151.101.2.2", **pair, seed=-1))
     assert not [w for w in warned if "gr.State" in str(w.message)]  # no State in the tool: nothing to warn of
+    assert over_limit.isError and over_limit.content[0].text == (
+        "You have 1 picture waiting or being made, the most one visitor may have; wait for one to finish."
+    )
     assert not done.isError, done.content
     images = [item for item in done.content if item.type == "image"]
     assert images and Image.open(io.BytesIO(base64.b64decode(images[0].data))).size == (64, 48)

@@ -314,8 +314,17 @@ def test_a_request_over_the_size_limit_is_refused_whether_or_not_more_is_coming(
     assert not messages  # all of it read
 
 
-def call(tmp_path, method: str, path: str, headers: dict | None = None, body: bytes = b"") -> tuple[int, str, dict]:
-    """One request through the guard, before an app that answers 200: (status, refusal, headers the app saw)."""
+def call(
+    tmp_path,
+    method: str,
+    path: str,
+    headers: dict | None = None,
+    body: bytes = b"",
+    peer: str = "127.0.0.1",
+    in_line: tuple[str, ...] = (),
+) -> tuple[int, str, dict]:
+    """One request from `peer` through the guard, before an app that answers 200, with the jobs of `in_line`'s
+    clients in the queue: (status, refusal, headers the app saw)."""
     seen = {}
 
     async def app(scope, receive, send):
@@ -329,7 +338,7 @@ def call(tmp_path, method: str, path: str, headers: dict | None = None, body: by
             "method": method,
             "path": path,
             "app": None,
-            "client": ("127.0.0.1", 40000),
+            "client": (peer, 40000),
             "headers": [(key.encode(), value.encode()) for key, value in (headers or {}).items()],
         }
 
@@ -339,7 +348,7 @@ def call(tmp_path, method: str, path: str, headers: dict | None = None, body: by
         async def send(message):
             sent.append(message)
 
-        await Guard(app, folder=str(tmp_path), clients_in_line=lambda app: [])(scope, receive, send)
+        await Guard(app, folder=str(tmp_path), clients_in_line=lambda app: list(in_line))(scope, receive, send)
         return sent
 
     sent = asyncio.run(run())
@@ -351,6 +360,26 @@ def test_deeply_nested_json_is_refused_with_a_message(tmp_path, path):
     status, refusal, _ = call(tmp_path, "POST", path, body=b"[" * 100_000 + b"]" * 100_000)
     assert (status, refusal) == (400, "The request's JSON is nested too deeply.")
     assert call(tmp_path, "POST", path, body=b'{"data": [[[1]]]}')[0] == 200
+
+
+def test_an_mcp_callers_job_counts_against_that_caller_not_the_server_itself(tmp_path, monkeypatch):
+    """gradio's MCP server joins the queue for every caller from this machine, in one session, with the caller's
+    headers copied: the guard names the caller in a header only it can sign, and the join counts against them."""
+    monkeypatch.setattr(guard_module, "LIMITS", replace(guard_module.LIMITS, jobs_per_client=1))
+    mcp = "/gradio_api/mcp/"
+    forged = {guard_module.CALLER_HEADER: guard_module.vouch("151.101.9.9")[:-1] + "0"}
+    _, _, seen = call(tmp_path, "POST", mcp, forged, b"{}", peer="151.101.1.1")
+    header = {guard_module.CALLER_HEADER: seen[guard_module.CALLER_HEADER]}
+    assert guard_module.vouched(header[guard_module.CALLER_HEADER]) == "151.101.1.1"  # the forged one replaced
+
+    join = "/gradio_api/queue/join"
+    body = json.dumps({"data": [], "session_hash": "the MCP server's one session"}).encode()
+    assert call(tmp_path, "POST", join, header, body, in_line=("151.101.1.1",))[:2] == (
+        429,
+        "You have 1 picture waiting or being made, the most one visitor may have; wait for one to finish.",
+    )
+    assert call(tmp_path, "POST", join, header, body, in_line=("151.101.9.9",))[0] == 200  # another's job
+    assert call(tmp_path, "POST", join, forged, body, in_line=("151.101.9.9",))[0] == 200  # not signed here
 
 
 @pytest.mark.parametrize(
