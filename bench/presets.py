@@ -41,7 +41,7 @@ UNIT_SIZE = 512  # the bare step's size
 # The presets before the schedule was re-measured with trained features: (steps per preset, schedule).
 BEFORE = (
     {"cpu": {"draft": 120, "standard": 250, "fine": 400}, "gpu": {"draft": 250, "standard": 400, "fine": 600}},
-    Schedule(start_side=128, step_decay=0.9, learning_rate=0.02, average_decay=0.8),
+    Schedule(start_side=128, step_decay=0.9, final_boost=1.0, learning_rate=0.02, average_decay=0.8),
 )
 
 

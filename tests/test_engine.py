@@ -11,7 +11,7 @@ from stylize import Settings, SettingsError, transfer
 from stylize.device import pick_device, pick_precision
 from stylize.images import to_tensor
 from stylize.losses import StyleTarget, gaussian, gram, style_loss
-from stylize.plan import scale_sizes, split_steps
+from stylize.plan import SCHEDULE, scale_sizes, split_steps
 from stylize.vgg import feature_extractor
 
 SMALL = {"size": 96, "steps": 30}
@@ -138,10 +138,15 @@ def test_scales_grow_by_about_sqrt2_from_128_to_the_requested_size():
     assert scale_sizes((1024, 768), 100) == [(100, 75)]
 
 
-def test_each_scale_gets_fewer_steps_than_the_one_before():
+def test_each_scale_gets_fewer_steps_than_the_one_before_but_the_last_gets_its_boost():
     counts = split_steps(250, 5)
     assert sum(counts) == 250
-    assert all(a > b for a, b in zip(counts, counts[1:], strict=False))
+    assert all(a > b for a, b in zip(counts[:-1], counts[1:-1], strict=False))
+    assert counts[-1] == pytest.approx(counts[-2] * SCHEDULE.step_decay * SCHEDULE.final_boost, abs=2)
+    for total in range(1, 200):  # however few the steps, every scale gets one
+        for scales in range(1, min(total, 13) + 1):
+            counts = split_steps(total, scales)
+            assert sum(counts) == total and min(counts) >= 1, (total, scales, counts)
 
 
 @pytest.mark.parametrize(
