@@ -257,7 +257,7 @@ class Guard:
             data = None
         if scope["path"].endswith("/queue/join") or "/call/" in scope["path"]:
             return await self._join(scope, replay(body, receive), send, _session(data))
-        if f"{scope['path']}/".count("/mcp/"):  # an MCP tool call: its job will count against this caller
+        if "/mcp/" in f"{scope['path']}/":  # an MCP tool call: its job will count against this caller
             scope = with_header(scope, CALLER_HEADER, vouch(client_of(_peer(scope), Headers(scope=scope), None)))
         await self.app(scope, replay(body, receive), send)
 
