@@ -25,7 +25,7 @@ from PIL import Image
 from starlette.middleware import Middleware  # gradio's web framework
 
 from . import guard, jobs
-from .components import Page, Radio, RegionEditor, Upload, image_input, setting_number, setting_radio, setting_slider
+from .components import Page, Radio, RegionEditor, image_input, setting_number, setting_radio, setting_slider
 from .images import MAX_BYTES, ImageError, image_size
 from .jobs import BIGGER_HELP, PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_help, device_kind, job_clock
 from .link_preview import ASSETS, DESCRIPTION, TITLE, LinkPreview
@@ -122,7 +122,7 @@ def build_demo() -> gr.Blocks:
                 status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
                 bigger = gr.Button("Make it bigger", visible=False, elem_id="bigger")
-                made = Upload(type="filepath", visible=False, elem_id="bigger-source")  # /bigger's `result`
+                made = gr.File(visible=False, file_types=[".png"], elem_id="bigger-source")  # /bigger's `result`
 
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
@@ -201,8 +201,8 @@ def build_demo() -> gr.Blocks:
             STOP_FLAGS[request.session_hash] = threading.Event()
             return _busy(_someone_ahead(demo))
 
-        def busy_bigger(png: str, request: gr.Request) -> tuple:
-            return png, *busy(request)
+        def busy_bigger(history: list, request: gr.Request) -> tuple:  # the latest result: the gallery's first
+            return history[0][0] if history else None, *busy(request)
 
         inputs = [content, style, preset, size, style_strength, content_strength, preserve_colors, style_scale]
         inputs += [extra_styles, style_weights, mask, optimizer, seed, smoothing]
@@ -211,7 +211,7 @@ def build_demo() -> gr.Blocks:
         started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
         job = started.then(stylize, inputs, [result, status, download], api_name="stylize", **queued, **shown)
         enlarging = bigger.click(
-            busy_bigger, download, [made, run, stop, download, status, result], js=SHOW_RESULT_JS, **private
+            busy_bigger, history, [made, run, stop, download, status, result], js=SHOW_RESULT_JS, **private
         )
         enlarged = enlarging.then(
             make_bigger, [made, *inputs], [result, status, download], api_name="bigger", **queued, **shown
