@@ -33,14 +33,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # runs it. On a 2-core CPU "standard" takes about a minute (see bench/README.md).
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {
-        "draft": {"size": 256, "steps": 120},
-        "standard": {"size": 512, "steps": 250},
-        "fine": {"size": 768, "steps": 400},
+        "draft": {"size": 256, "steps": 50},
+        "standard": {"size": 512, "steps": 145},
+        "fine": {"size": 768, "steps": 190},
     },
     "gpu": {
-        "draft": {"size": 512, "steps": 250},
-        "standard": {"size": 768, "steps": 400},
-        "fine": {"size": 1024, "steps": 600},
+        "draft": {"size": 512, "steps": 145},
+        "standard": {"size": 768, "steps": 190},
+        "fine": {"size": 1024, "steps": 300},
     },
 }
 PRESET_NAMES = ("draft", "standard", "fine")
@@ -75,7 +75,7 @@ def _knob(
 @dataclass(frozen=True)
 class Settings:
     size: int = _knob(512, low=64, high=8192, label="Output size (px)", help="Long side of the output image in pixels.")
-    steps: int = _knob(250, low=1, high=5000, label="Steps", help="Optimization steps, summed over all scales.")
+    steps: int = _knob(145, low=1, high=5000, label="Steps", help="Optimization steps, summed over all scales.")
     style_strength: float = _knob(
         1.0, low=0.0, high=10.0, label="Style strength", help="How strongly the output matches the style's textures."
     )
