@@ -1,12 +1,16 @@
-"""Tiled rendering: time and peak memory from 1024 to 8192 px, seams, and quality against the whole picture.
+"""Tiled rendering against the whole picture: objective, time, seams, peak memory, and making a result bigger.
 
-- Time and peak memory: each run in a fresh process (as bench/memory.py measures them), the engine whole
-  and in tiles at 1024 px, whole and in tiles at 2048 px, in tiles at 4096 px and, with --sizes, larger.
-- Seams: a picture made in tiles; the mean absolute pixel difference across the lines where tiles meet
-  (every edge of every tile of the last scale's passes) over that across all other lines, and a sheet with
-  a crop around a tile corner (bench/out/tile_seam.png).
-- Quality: at a size where both fit, the picture made in tiles and the one made whole, the same steps,
-  scored with the baseline's float32 objective over the whole picture (bench/baseline.py).
+- Quality and time (issue 19's targets): at each size, the picture made whole and in tiles with the same steps,
+  both scored with the engine's objective on the whole picture in float32 (common.score), and their times.
+- Seams: in the tiled picture, the mean absolute pixel difference across the lines where the last sweep's tiles
+  meet over that across all other lines; a sheet with a crop across a tile corner, whole beside tiled
+  (bench/out/tile_seam.png).
+- Peak memory: each run in a fresh process (as bench/memory.py measures them), whole and tiled, with the memory
+  model's estimate (plan.peak_bytes) beside it.
+- Make it bigger: a result at a quarter of the size made bigger to the size; the bigger picture shrunk to the
+  result's size against the result (mean |difference|, 0-255; beside it, the picture made from scratch at the size,
+  shrunk the same way), and its time against the time from scratch.
+Weights: the bench's (common.WEIGHTS: the trained stand-in where it has been built), named in the header.
 """
 
 from __future__ import annotations
@@ -18,133 +22,188 @@ from pathlib import Path
 import memory
 import numpy as np
 import torch
-from baseline import BaselineLoss, textbook_vgg
-from common import engine_settings, load_images, start, table
+from common import engine_settings, load_images, score, start, table
 from PIL import Image
 
 from stylize import transfer
-from stylize.images import fit, to_tensor
-from stylize.plan import Scale, plan
+from stylize.device import pick_precision
+from stylize.plan import Scale, peak_bytes, plan
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 GIB = 2**30
 
 
-def memory_rows(device: torch.device, runs: list[tuple[int, int]], steps: int) -> list[list[object]]:
-    content, _ = load_images()
-    rows = []
-    for size, tile in runs:
-        result = memory.measure("engine", size, steps, device.type, tile)
-        w, h = fit(content.size, size)
-        rows.append([f"{w}x{h}", f"{tile} px" if tile else "whole", result["peak"] / GIB, result["seconds"]])
-    return rows
+def made(device: torch.device, size: int, tile: int, steps: int, **more: object):
+    """The final Progress of one transfer of the bench's pair."""
+    content, style = load_images()
+    return deque(
+        transfer(content, style, engine_settings(device, size=size, steps=steps, tile_size=tile), **more), maxlen=1
+    )[0]
 
 
-def seam_ratio(picture: np.ndarray, scale: Scale) -> tuple[float, float, float]:
-    """(mean |difference| across tile edges, across all other lines, their ratio), both axes together."""
+def seam_ratio(picture: np.ndarray, scale: Scale, sweep: int) -> float:
+    """Mean |difference| across the lines where the tiles of a sweep meet, over that across all other lines."""
     at_edges, elsewhere = [], []
     for axis in (0, 1):  # rows, then columns
         step = np.abs(np.diff(picture, axis=axis)).mean(axis=(1 - axis, 2))  # line i | i + 1
-        spans = [cell[axis] for tile_pass in range(scale.passes) for cell in scale.grid(tile_pass)]
-        edges = {s.start - 1 for s in spans if s.start} | {s.stop - 1 for s in spans if s.stop <= len(step)}
+        edges = {cell[axis].start - 1 for cell in scale.grid(sweep) if cell[axis].start}
         at_edges += [step[i] for i in sorted(edges)]
         elsewhere += [step[i] for i in range(len(step)) if i not in edges]
-    edge, other = float(np.mean(at_edges)), float(np.mean(elsewhere))
-    return edge, other, edge / other
+    return float(np.mean(at_edges)) / float(np.mean(elsewhere))
 
 
-def seams(device: torch.device, size: int, tile: int, steps: int) -> tuple[list[list[object]], Path]:
-    content, style = load_images()
-    settings = engine_settings(device, size=size, steps=steps, tile_size=tile)
-    final = deque(transfer(content, style, settings), maxlen=1)[0].image()
-    scale = plan(content.size, settings)[-1]
-    edge, other, ratio = seam_ratio(np.asarray(final, np.float64), scale)
-    sheet = OUT / "tile_seam.png"
-    OUT.mkdir(exist_ok=True)
-    seam_sheet(final, scale).save(sheet)
-    return [[f"{final.width}x{final.height}", f"{tile} px", scale.passes, edge, other, f"{ratio:.3f}"]], sheet
-
-
-def seam_sheet(picture: Image.Image, scale: Scale) -> Image.Image:
-    """The picture shrunk, beside a 256 px crop around the corner where the last pass's first tiles meet, 2x."""
-    rows, columns = scale.grid(scale.passes - 1)[0]
-    y, x = rows.stop - 32, columns.stop - 32  # the middle of the overlap, where the tiles meet
-    crop = picture.crop((x - 128, y - 128, x + 128, y + 128)).resize((512, 512), Image.Resampling.NEAREST)
-    small = picture.copy()
-    small.thumbnail((512, 512))
-    sheet = Image.new("RGB", (small.width + 520, max(small.height, 512)), "white")
-    sheet.paste(small, (0, 0))
-    sheet.paste(crop, (small.width + 8, 0))
+def seam_sheet(whole: Image.Image, tiled: Image.Image, scale: Scale, sweep: int) -> Image.Image:
+    """A 256 px crop around the first tile corner of the last sweep, whole beside tiled, at twice the size."""
+    rows, columns = scale.grid(sweep)[0]
+    y, x = min(rows.stop, tiled.height - 128), min(columns.stop, tiled.width - 128)
+    crops = [
+        p.crop((x - 128, y - 128, x + 128, y + 128)).resize((512, 512), Image.Resampling.NEAREST)
+        for p in (whole, tiled)
+    ]
+    sheet = Image.new("RGB", (1032, 512), "white")
+    sheet.paste(crops[0], (0, 0))
+    sheet.paste(crops[1], (520, 0))
     return sheet
 
 
-def quality(device: torch.device, size: int, tile: int, steps: int) -> list[list[object]]:
-    content_image, style_image = load_images()
-    full = fit(content_image.size, size)
-    content = to_tensor(content_image, full).to(device)
-    style = to_tensor(style_image, fit(style_image.size, size)).to(device)
-    loss = BaselineLoss(textbook_vgg(device), content, style)
-    rows, values = [], {}
-    for name, tile_size in (("whole", 0), (f"{tile} px tiles", tile)):
-        settings = engine_settings(device, size=size, steps=steps, tile_size=tile_size)
-        final = deque(transfer(content_image, style_image, settings), maxlen=1)[0]
-        values[name] = loss.value(final.pixels)
+def quality(device: torch.device, size: int, tile: int, steps: int) -> tuple[list[list[object]], dict]:
+    content, style = load_images()
+    settings = engine_settings(device, size=size, steps=steps, tile_size=tile)
+    runs = {name: made(device, size, tile_size, steps) for name, tile_size in (("whole", 0), ("tiled", tile))}
+    values = {name: score(run.pixels, settings, content, style) for name, run in runs.items()}
+    scale = plan(content.size, settings)[-1]
+    pictures = {name: run.image() for name, run in runs.items()}
+    ratio = seam_ratio(np.asarray(pictures["tiled"], np.float64), scale, scale.steps)
+    OUT.mkdir(exist_ok=True)
+    seam_sheet(pictures["whole"], pictures["tiled"], scale, scale.steps).save(OUT / f"tile_seam_{size}.png")
+    row = [
+        f"{pictures['whole'].width}x{pictures['whole'].height}",
+        f"{tile} px",
+        steps,
+        values["whole"],
+        values["tiled"],
+        f"{values['tiled'] / values['whole']:.3f}",
+        runs["whole"].elapsed,
+        runs["tiled"].elapsed,
+        f"{runs['tiled'].elapsed / runs['whole'].elapsed:.2f}",
+        f"{ratio:.3f}",
+    ]
+    return [row], runs["whole"]
+
+
+def memory_rows(device: torch.device, size: int, tile: int, steps: int) -> list[list[object]]:
+    content, _ = load_images()
+    precision = pick_precision("auto", device)
+    rows, peaks = [], {}
+    for tile_size in (0, tile):
+        result = memory.measure("engine", size, steps, device.type, tile_size)
+        scale = plan(content.size, engine_settings(device, size=size, steps=steps, tile_size=tile_size))[-1]
+        peaks[tile_size] = result["peak"]
         rows.append(
-            [f"{full[0]}x{full[1]}", name, steps, final.elapsed, values[name], f"{values[name] / values['whole']:.3f}"]
+            [
+                f"{scale.size[0]}x{scale.size[1]}",
+                f"{tile_size} px" if tile_size else "whole",
+                result["peak"] / GIB,
+                peak_bytes(scale, precision) / GIB,
+                result["seconds"],
+                f"{result['peak'] / peaks[0]:.2f}",
+            ]
         )
     return rows
+
+
+def bigger(device: torch.device, size: int, steps: int, whole) -> list[list[object]]:
+    small = made(device, size // 4, 0, steps).image()
+    content, _ = load_images()
+    big = made(device, size, 0, steps, bigger_from=small)
+    source = np.asarray(small, np.float64)
+
+    def apart(picture: Image.Image) -> float:
+        return float(np.abs(np.asarray(picture.resize(small.size, Image.Resampling.BOX), np.float64) - source).mean())
+
+    return [
+        [
+            f"{small.width}x{small.height}",
+            f"{big.image().width}x{big.image().height}",
+            big.total,
+            apart(big.image()),
+            apart(whole.image()),
+            big.elapsed,
+            whole.elapsed,
+            f"{big.elapsed / whole.elapsed:.2f}",
+        ]
+    ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--sizes",
-        type=int,
-        nargs="+",
-        default=[1024, 2048, 4096],
-        help="sizes for time and memory (1024 and 2048 also whole); add 8192 where affordable",
-    )
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="sizes made whole and in tiles")
     p.add_argument("--tile", type=int, default=512, help="tile_size for the tiled runs")
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--seam-size", type=int, default=2048)
-    p.add_argument("--quality-size", type=int, default=1024)
-    p.add_argument("--only", nargs="+", choices=("memory", "seams", "quality"), default=["memory", "seams", "quality"])
+    p.add_argument(
+        "--memory-steps",
+        type=int,
+        default=20,
+        help="steps of the memory runs (the peak is the last scale's, whatever the steps)",
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=("quality", "memory", "bigger"), default=["quality", "memory", "bigger"]
+    )
     args, device = start(p)
-    if "memory" in args.only:
-        runs = [(size, tile) for size in args.sizes for tile in ((0, args.tile) if size <= 2048 else (args.tile,))]
-        print(
-            f"\nTime and peak memory (fresh process each; {args.steps} steps; "
-            f"{'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})\n"
-            + table(["size", "tiles", "peak GiB", "s"], memory_rows(device, runs, args.steps)),
-            flush=True,
-        )
-    if "seams" in args.only:
-        rows, sheet = seams(device, args.seam_size, args.tile, args.steps)
-        print(
-            "\nSeams: mean |pixel difference| (0-255) across tile edges and across all other lines\n"
-            + table(
-                [
-                    "size",
-                    "tiles",
-                    "passes at the last scale",
-                    "across tile edges",
-                    "across other lines",
-                    "edges / other",
-                ],
-                rows,
+    for size in args.sizes:
+        if "quality" in args.only or "bigger" in args.only:
+            rows, whole = quality(device, size, args.tile, args.steps)
+            print(
+                f"\nWhole and tiled, {args.steps} steps: the engine's objective on the whole picture in float32, "
+                "time, seams (tiled: |difference| across the last sweep's tile edges / across other lines)\n"
+                + table(
+                    [
+                        "size",
+                        "tiles",
+                        "steps",
+                        "whole",
+                        "tiled",
+                        "tiled / whole",
+                        "whole s",
+                        "tiled s",
+                        "time ratio",
+                        "seams",
+                    ],
+                    rows,
+                )
+                + f"\nsheet: {OUT / f'tile_seam_{size}.png'}",
+                flush=True,
             )
-            + f"\nsheet: {sheet}",
-            flush=True,
-        )
-    if "quality" in args.only:
-        print(
-            "\nQuality: the whole picture's float32 objective, made whole and in tiles with the same steps\n"
-            + table(
-                ["size", "made", "steps", "s", "objective", "/ whole"],
-                quality(device, args.quality_size, args.tile, args.steps),
-            ),
-            flush=True,
-        )
+        if "memory" in args.only:
+            print(
+                f"\nPeak memory (fresh process each; {args.memory_steps} steps; "
+                f"{'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'}), GiB, and the memory model's\n"
+                + table(
+                    ["size", "tiles", "peak", "model", "s", "/ whole"],
+                    memory_rows(device, size, args.tile, args.memory_steps),
+                ),
+                flush=True,
+            )
+        if "bigger" in args.only:
+            print(
+                f"\nMade bigger from a {size // 4} px result ({args.steps} steps at {size} px, of which the scales "
+                "above the result's make the total shown): mean |difference| (0-255) from the result once shrunk "
+                "to its size, against the picture made from scratch at the size\n"
+                + table(
+                    [
+                        "from",
+                        "to",
+                        "steps",
+                        "bigger vs result",
+                        "from scratch vs result",
+                        "bigger s",
+                        "from scratch s",
+                        "time ratio",
+                    ],
+                    bigger(device, size, args.steps, whole),
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

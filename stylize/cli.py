@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
         "override it; for the web app's, give the photo and style images too)",
     )
     p.add_argument(
+        "--bigger",
+        action="store_true",
+        help="with --from: make that PNG's picture bigger, to --size: it is the start, and only the scales above "
+        "its size are made (with the steps they have in a run of --steps at --size)",
+    )
+    p.add_argument(
         "--preset", choices=PRESET_NAMES, help="quality preset: sets size and steps for this machine's device"
     )
     for flag, name in FLAGS.items():
@@ -90,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.bigger and not (args.from_png and args.size):
+        raise SettingsError(
+            f"--bigger makes a result bigger: give it with --from and the new --size, e.g. {program()} PHOTO STYLE "
+            "--from result.png --bigger --size 2048"
+        )
     recorded = _recorded_run(args.from_png) if args.from_png else {}
     # Only the files named here are read: a PNG given to --from names files, at most, as a hint.
     content_path, style_paths, mask_path = args.content, args.styles, args.mask
@@ -126,21 +137,23 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .engine import transfer  # torch: seconds to import, so only once the arguments hold
-    from .images import load_image, result_metadata, save_png
+    from .images import bigger_metadata, load_image, png_metadata, result_metadata, save_png
     from .vgg import UntrainedWeightsWarning
 
     content = load_image(content_path, "content image")
     styles = [load_image(path, f"style image {path}") for path in style_paths]
     mask = load_image(mask_path, "mask") if mask_path else None
     init_image = None if init in INITS else load_image(init, "init image")
+    bigger_from = load_image(args.from_png, "result to make bigger") if args.bigger else None
 
     with warnings.catch_warnings(record=True) as warned:  # said before the progress bar, not after the run
         warnings.simplefilter("always", UntrainedWeightsWarning)
-        stream = transfer(content, styles, settings, mask=mask, init_image=init_image)
+        stream = transfer(content, styles, settings, mask=mask, init_image=init_image, bigger_from=bigger_from)
     for warning in warned:
         print(f"warning: {warning.message}", file=sys.stderr)
-    with tqdm(total=settings.steps, unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=None, unit="step", dynamic_ncols=True) as bar:
         for progress in stream:
+            bar.total = progress.total  # a result made bigger takes only its larger scales' steps
             bar.update(progress.step - bar.n)
             tile = {"tile": f"{progress.tile}/{progress.tiles}"} if progress.tiles else {}
             bar.set_postfix(scale=f"{progress.scale}/{progress.scales}", **tile, loss=f"{progress.losses['total']:.4g}")
@@ -151,7 +164,8 @@ def run(args: argparse.Namespace) -> None:
         "init": init,
     }
     picture = progress.image()
-    save_png(picture, output, {**result_metadata(settings, progress), "stylize:inputs": json.dumps(inputs)})
+    bigger = {} if bigger_from is None else bigger_metadata(bigger_from.size, png_metadata(args.from_png))
+    save_png(picture, output, {**result_metadata(settings, progress), **bigger, "stylize:inputs": json.dumps(inputs)})
     print(
         f"wrote {output} ({picture.width}x{picture.height}, {progress.elapsed:.1f} s, weights: {progress.weights}, "
         f"{progress.device} {progress.precision})"

@@ -1,4 +1,5 @@
-"""The app's gradio components: subclasses of gradio's, each overriding one supported method, and why.
+"""The app's gradio components: subclasses of gradio's, each overriding one supported method, and why; and the
+controls made of them for the settings.
 
 This is the only place that changes how gradio behaves. Each component is a template of its gradio parent
 (`is_template`, as gradio's own gr.Text is of gr.Textbox): the page draws it with the parent's frontend, and only
@@ -15,6 +16,8 @@ from typing import Any
 import gradio as gr
 import httpx
 import pydantic
+
+from .settings import knob
 
 
 class Upload(gr.Image):
@@ -120,6 +123,42 @@ class Page(gr.Blocks):
                 "(gradio_client's handle_file), a gallery as a list of them, a region as the image "
                 "editor's value."
             ) from None
+
+
+# The controls of settings, each over its knob's range, default, label and help (settings.py).
+
+
+def image_input(label: str, elem_id: str) -> Upload:
+    """An image input (upload, paste or webcam) whose file reaches the job unopened (components.Upload)."""
+    return Upload(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340, elem_id=elem_id)
+
+
+def setting_slider(name: str, step: float, value: float | None = None, high: float | None = None) -> Slider:
+    """A slider over a setting's range, or up to `high` where this server allows less (said in its help)."""
+    info = knob(name)
+    help_text = info["help"] if high is None else f"{info['help']} Up to {high:g} px on this server."
+    return Slider(
+        info["low"],
+        info["high"] if high is None else high,
+        step=step,
+        value=info["default"] if value is None else value,
+        label=info["label"],
+        info=help_text,
+    )
+
+
+def setting_number(name: str) -> Number:
+    """A whole-number box over a setting's range."""
+    info = knob(name)
+    return Number(
+        info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"], info=info["help"]
+    )
+
+
+def setting_radio(name: str) -> Radio:
+    """A choice of a setting's values."""
+    info = knob(name)
+    return Radio(list(info["choices"]), value=info["default"], label=info["label"], info=info["help"])
 
 
 def _mcp_tool_calls_as_the_page_makes_them() -> None:

@@ -4,8 +4,10 @@ The output image is optimized directly so that its VGG19 activations match the p
 the Gaussian statistics of the style images' activations at several layers (losses.py). It starts small
 (about 128 px on the long side), where steps are cheap and the layout forms, and is upsampled by about
 sqrt(2) per scale up to the requested size, with fewer steps at each larger scale. A scale too big to
-optimize at once (or bigger than `tile_size`) is optimized tile by tile: overlapping tiles, each pulled
-towards the whole style's statistics, blended back with feathered edges, the grid moved between passes.
+optimize at once (or bigger than `tile_size`) is optimized tile by tile as the one picture it is (tiles.py):
+the whole picture's statistics gathered each sweep, one optimizer state for the whole picture, each tile's
+gradient the whole picture's. A result can be made bigger from itself: it is the start, and only the scales
+above its size are made.
 """
 
 from __future__ import annotations
@@ -21,20 +23,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import images
+from . import images, tiles
 from .device import pick_device, pick_precision
 from .losses import (
     BALANCES,
-    Balance,
     StyleTarget,
-    content_loss,
     mixture,
     style_layer_weights,
-    style_loss,
     tiled_gaussians,
-    tv_loss,
 )
-from .plan import SCHEDULE, TILE_OVERLAP, Scale, Schedule, fit_in_memory, plan, work_done
+from .objective import Objective
+from .plan import SCHEDULE, Scale, Schedule, fit_in_memory, plan, work_done
 from .settings import Settings, SettingsError
 from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights
 
@@ -59,7 +58,7 @@ class Progress:
     precision: str  # the network's number format: "fp32", "bf16" or "fp16"
     note: str  # a warning for the user ("" when there is none), e.g. untrained weights
     tile: int  # 1-based index of the tile last optimized at a tiled scale; 0 where the scale is whole
-    tiles: int  # tiles per pass at the current scale; 0 where the scale is whole
+    tiles: int  # tiles per sweep at the current scale; 0 where the scale is whole
     final: bool
     pixels: torch.Tensor = field(repr=False)  # (1, 3, H, W) in [0, 1], on the engine's device
 
@@ -78,12 +77,14 @@ def transfer(
     *,
     mask: Image.Image | None = None,
     init_image: Image.Image | None = None,
+    bigger_from: Image.Image | None = None,
     schedule: Schedule = SCHEDULE,
 ) -> Iterator[Progress]:
     """Stylize `content` with one or more `style` images; yields previews, then the final image.
 
     `mask` (greyscale, over the content) limits the style to its white parts;
     `init_image` (e.g. a previous result) replaces `settings.init` as the start;
+    `bigger_from`, a result, is made bigger: it is the start, and only the scales above its size are made;
     `schedule` is the engine's own (benches compare others).
     Bad settings raise here, before the first record; closing the generator stops the work at once.
     """
@@ -96,13 +97,15 @@ def transfer(
         raise SettingsError("At least one style weight must be above zero.")
     device = pick_device(settings.device)
     precision = pick_precision(settings.precision, device)
-    scales = fit_in_memory(plan(content.size, settings, schedule), settings, device, precision)
+    above = 0 if bigger_from is None else max(bigger_from.size)
+    scales = fit_in_memory(plan(content.size, settings, schedule, above=above), settings, device, precision)
     weights = resolve_weights(settings.weights)
     style_layer_weights(settings, BALANCES[weights.kind])  # raises now for layers the balance has no weight for
     if weights.untrained:  # said now, before the work: a run can take minutes
         warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=2)
     # Everything above raises now, at the call; the work itself starts at the first next().
-    return _optimize(content, styles, blend, mask, init_image, settings, schedule, scales, device, weights, precision)
+    start = bigger_from or init_image
+    return _optimize(content, styles, blend, mask, start, settings, schedule, scales, device, weights, precision)
 
 
 def _optimize(
@@ -121,7 +124,7 @@ def _optimize(
     """The work of `transfer`: each scale's steps in turn (`_scale_steps`), from the start image (`_start_image`),
     then the final picture."""
     vgg = feature_extractor(settings.layers, settings.weights, str(device), precision)
-    objective = _Objective(vgg, settings, BALANCES[weights.kind], precision)
+    objective = Objective(vgg, settings, BALANCES[weights.kind], precision)
     full = scales[-1].size
     photo = _Photo.of(content, mask, settings, full, device)
     style_side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))
@@ -133,10 +136,11 @@ def _optimize(
     x = _start_image(init_image, photo.target, settings, scales[0].size, device)
 
     started = time.perf_counter()
+    work = work_done(scales)
 
     def record(**fields: Any) -> Progress:
         return Progress(
-            total=settings.steps,
+            total=len(work),
             scales=len(scales),
             elapsed=time.perf_counter() - started,
             weights=weights.kind,
@@ -146,7 +150,7 @@ def _optimize(
             **fields,
         )
 
-    run = _Run(objective, photo, settings, schedule, work_done(scales), _Throttle(), record)
+    run = _Run(objective, photo, schedule, settings.optimizer, work, _Throttle(), record)
     step = 0
     try:
         for index, scale in enumerate(scales, start=1):
@@ -244,10 +248,10 @@ class _Throttle:
 class _Run:
     """What every scale of one transfer shares: `scale_steps` makes one scale's steps."""
 
-    objective: _Objective
+    objective: Objective
     photo: _Photo
-    settings: Settings
     schedule: Schedule
+    optimizer: str  # settings.optimizer, for scales made whole
     work: list[int]  # work done after each step (work_done)
     throttle: _Throttle
     record: Callable[..., Progress]
@@ -255,93 +259,69 @@ class _Run:
     def scale_steps(
         self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
     ) -> Generator[Progress, None, torch.Tensor]:
-        """One scale's steps on `x` (the picture so far), whole or tile by tile, yielding previews when due;
-        returns the picture at the end of the scale."""
+        """One scale's steps from `x` (the picture so far), whole or tile by tile, yielding previews when due;
+        returns the picture at the end of the scale. At a tiled scale each step is a sweep over the tiles."""
         work, objective = self.work, self.objective
-        photo_here = images.resize(self.photo.target, scale.size)
-        region_here = None if self.photo.region is None else images.resize(self.photo.region, scale.size)
-        x = images.resize(x, scale.size).clone()  # tiles are written into it: never the photo itself
-        picture = self.photo.shown(x).clone() if scale.tile else None  # a tiled scale's previews: as of the last tile
-        work_before, cost = work[steps_before - 1] if steps_before else 0, scale.step_cost
-        scale_end = work[steps_before + scale.steps - 1]
-        tile_work = 0
-        for tile_pass in range(scale.passes):
-            grid = scale.grid(tile_pass)
-            for number, (rows, columns) in enumerate(grid, start=1):
-                objective.aim_content(
-                    photo_here[..., rows, columns], None if region_here is None else region_here[..., rows, columns]
-                )
-                descent = _Descent(objective, x[..., rows, columns], self.settings, self.schedule)
-                for _ in range(scale.tile_steps(tile_pass)):
-                    descent.step()
-                    tile_work += descent.x[0, 0].numel()
-                    step = steps_before + min(tile_work // cost, scale.steps)
-                    if self.throttle.due() and step < self.settings.steps:
-                        yield self.record(
-                            step=step,
-                            scale=index,
-                            size=scale.size,
-                            done=min(work_before + tile_work, scale_end) / work[-1],
-                            losses=objective.last_losses(),
-                            tile=number if scale.tile else 0,
-                            tiles=len(grid) if scale.tile else 0,
-                            final=False,
-                            pixels=picture if scale.tile else self.photo.shown(descent.average()),
-                        )
-                        self.throttle.shown()
-                if scale.tile:
-                    _blend_tile(x, descent.average(), rows, columns, scale.size)
-                    picture = self.photo.shown(x).clone()
+        region = None if self.photo.region is None else images.resize(self.photo.region, scale.size)
+        objective.aim(images.resize(self.photo.target, scale.size), region, scale.tile)
+        start = images.resize(x, scale.size)
+        del x  # the previous scale's picture: memory for this one's
+        if self.optimizer == "lbfgs" and not scale.tile:
+            optimizer: tiles.Adam | _Lbfgs = _Lbfgs(objective, start, self.schedule.average_decay)
+        else:  # tiled scales always use Adam: L-BFGS's history is of whole-picture steps
+            optimizer = tiles.Adam(start, self.schedule.learning_rate, self.schedule.average_decay)
+        del start
+        for sweep in range(1, scale.steps + 1):
+            step = steps_before + sweep - 1  # the steps done before this one
+            cores = scale.grid(sweep)
+            if scale.tile:
+                objective.gather(optimizer.x)
+            before = work[step - 1] if step else 0
+            for number, (rows, columns) in enumerate(cores, start=1):
+                if isinstance(optimizer, _Lbfgs):
+                    optimizer.step()
                 else:
-                    x = descent.average()
-        return x
+                    optimizer.step(rows, columns, objective.gradient(optimizer.x, rows, columns), sweep)
+                steps_done = step + (number == len(cores))
+                if self.throttle.due() and steps_done < len(work):
+                    yield self.record(
+                        step=steps_done,
+                        scale=index,
+                        size=scale.size,
+                        done=(before + (work[step] - before) * number / len(cores)) / work[-1],
+                        losses=objective.last_losses(),
+                        tile=number if scale.tile else 0,
+                        tiles=len(cores) if scale.tile else 0,
+                        final=False,
+                        # A copy: the average goes on changing in place after the preview is handed on.
+                        pixels=self.photo.shown(optimizer.average.clone()),
+                    )
+                    self.throttle.shown()
+        return optimizer.average
 
 
-class _Descent:
-    """Optimizer steps on a picture or one tile of it, clamped to [0, 1] after each step (never inside an
-    L-BFGS closure), with an exponential moving average of the iterates: what is shown and kept."""
+class _Lbfgs:
+    """L-BFGS steps on a whole picture, clamped to [0, 1] after each step (never inside its closure), with the
+    averaged iterate, as tiles.Adam keeps it."""
 
-    def __init__(self, objective: _Objective, start: torch.Tensor, settings: Settings, schedule: Schedule):
+    def __init__(self, objective: Objective, start: torch.Tensor, average_decay: float):
         self.x = start.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
-        self.decay = schedule.average_decay
-        if settings.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam([self.x], lr=schedule.learning_rate)
-        else:
-            # No tolerances: the engine counts the steps itself, and small losses (untrained features) have
-            # gradients below L-BFGS's default tolerance from the start.
-            self.optimizer = torch.optim.LBFGS(
-                [self.x], lr=1, max_iter=1, history_size=50, tolerance_grad=0, tolerance_change=0
-            )
+        # No tolerances: the engine counts the steps itself, and small losses (untrained features) have
+        # gradients below L-BFGS's default tolerance from the start.
+        self.optimizer = torch.optim.LBFGS(
+            [self.x], lr=1, max_iter=1, history_size=50, tolerance_grad=0, tolerance_change=0
+        )
         self.closure = functools.partial(objective.closure, self.x, self.optimizer)
-        self.sum = torch.zeros_like(self.x)
-        self.weight = 0.0
+        self.average = self.x.detach().clone()
+        self.average_decay = average_decay
+        self.steps = 0
 
     def step(self) -> None:
         self.optimizer.step(self.closure)
+        self.steps += 1
         with torch.no_grad():
             self.x.clamp_(0, 1)
-            self.sum.mul_(self.decay).add_(self.x, alpha=1 - self.decay)
-        self.weight = self.decay * self.weight + 1 - self.decay
-
-    def average(self) -> torch.Tensor:
-        return self.sum / self.weight
-
-
-def _blend_tile(picture: torch.Tensor, tile: torch.Tensor, rows: slice, columns: slice, size: tuple[int, int]) -> None:
-    """Write an optimized tile back into the picture, fading in over the overlap where a neighbour lies."""
-
-    def ramp(span: slice, length: int) -> torch.Tensor:
-        position = torch.arange(span.start, span.stop, device=tile.device, dtype=tile.dtype)
-        weight = torch.ones_like(position)
-        if span.start > 0:
-            weight = torch.minimum(weight, (position - span.start + 1) / (TILE_OVERLAP + 1))
-        if span.stop < length:
-            weight = torch.minimum(weight, (span.stop - position) / (TILE_OVERLAP + 1))
-        return weight
-
-    window = ramp(rows, size[1])[:, None] * ramp(columns, size[0])[None, :]
-    region = picture[..., rows, columns]
-    region.mul_(1 - window).add_(tile * window)
+            tiles.average_into(self.average, self.x, self.steps, self.average_decay)
 
 
 def _style_targets(
@@ -364,69 +344,3 @@ def _style_targets(
         for style in styles
     ]
     return {name: StyleTarget.of(mixture([part[name] for part in parts], list(blend))) for name in layer_weights}
-
-
-class _Objective:
-    """The loss of a picture, or of a tile of it: style targets set once per scale (`aim_style`), the content
-    target and the region per tile (`aim_content`)."""
-
-    def __init__(self, vgg: torch.nn.Module, settings: Settings, balance: Balance, precision: str):
-        self.vgg = vgg
-        self.settings = settings
-        self.balance = balance
-        self.layer_weights = style_layer_weights(settings, balance)
-        # float16 gradients would underflow: its network sees the loss summed over pixels instead of averaged.
-        self.gradient_scale = (lambda x: x.numel()) if precision == "fp16" else (lambda x: 1)
-        self.losses: dict[str, torch.Tensor] = {}
-
-    def aim_style(self, targets: dict[str, StyleTarget]) -> None:
-        self.style_targets = targets
-
-    @torch.no_grad()
-    def aim_content(self, photo: torch.Tensor, region: torch.Tensor | None) -> None:
-        self.photo, self.region = photo, region
-        features = self.vgg(photo)
-        self.content_target = features[self.settings.content_layer]
-        self.masks = (
-            None
-            if region is None
-            else {
-                name: torch.nn.functional.interpolate(region, size=features[name].shape[-2:], mode="area")
-                for name in self.layer_weights
-            }
-        )
-        self.unit: torch.Tensor | None = None  # the loss at the first step against these targets
-
-    def closure(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        image = x if self.region is None else self.region * x + (1 - self.region) * self.photo
-        features = self.vgg(image)
-        s = self.settings
-        self.losses = {
-            "content": content_loss(features[s.content_layer], self.content_target),
-            "style": sum(
-                weight
-                * style_loss(features[name], self.style_targets[name], None if self.masks is None else self.masks[name])
-                for name, weight in self.layer_weights.items()
-            ),
-            "tv": tv_loss(image),
-        }
-        total = (
-            self.balance.content * s.content_strength * self.losses["content"]
-            + s.style_strength * self.losses["style"]
-            + self.balance.tv * s.smoothing * self.losses["tv"]
-        )
-        # The optimizer sees the loss in units of its value at the first step: L-BFGS's curvature test and
-        # Adam's epsilon are absolute, and the losses of different weights differ in size by orders of magnitude.
-        if self.unit is None:
-            self.unit = total.detach().clamp_min(1e-12)
-        scale = self.gradient_scale(x)
-        (total / self.unit * scale).backward()
-        if scale != 1:
-            x.grad.div_(scale)
-        self.losses = {"total": total.detach(), **{k: v.detach() for k, v in self.losses.items()}}
-        return total.detach() / self.unit
-
-    def last_losses(self) -> dict[str, float]:
-        """The losses at the last step (of the last tile, at a tiled scale)."""
-        return {name: value.item() for name, value in self.losses.items()}

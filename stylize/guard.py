@@ -111,18 +111,21 @@ def admit(
     gpu: bool,
     clock: JobClock,
     preset: str,
+    result: str | None = None,
 ) -> tuple[int, int]:
     """Refuse a job this server should not run, before any pixel is decoded; else the photo's (width, height).
 
     `files` are the job's (path, what) in order, the photo first, then the style artwork, `extra_styles` extra
     style images and `layers` painted layers. Checked in turn: the picture's size (`check_size`), the images'
     count, each file's presence and header, their pixels together, and the job's time on `clock`, with the
-    quality preset named `preset` in its message."""
+    quality preset named `preset` in its message. `result`, a picture the job makes bigger, is checked as the
+    other files are, and its time is that of the scales above its size."""
     check_size(settings.size, gpu)
     if extra_styles > MAX_EXTRA_IMAGES:
         raise ImageError(f"Use at most {MAX_EXTRA_IMAGES} more style images; {extra_styles} were given.")
     if layers > MAX_EXTRA_IMAGES:
         raise ImageError(f"The painted region may have at most {MAX_EXTRA_IMAGES} layers; {layers} were given.")
+    files = [*files, (result, "result to make bigger")] if result else files
     sizes = [image_size(_uploaded(path, what), what) for path, what in files]
     pixels = sum(width * height for width, height in sizes)
     limit = LIMITS.max_job_pixels
@@ -131,7 +134,7 @@ def admit(
             f"These images have {pixels / 1e6:.0f} megapixels together; one picture may use at most "
             f"{limit / 1e6:.0f}. Use fewer or smaller images."
         )
-    clock.check(sizes[0], settings, preset, LIMITS.max_job_seconds)
+    clock.check(sizes[0], settings, preset, LIMITS.max_job_seconds, max(sizes[-1]) if result else 0)
     return sizes[0]
 
 

@@ -8,6 +8,7 @@ can cause raises `ImageError` with a message that says what to do.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -263,3 +264,16 @@ def result_metadata(settings: Settings, progress: Any) -> dict[str, str]:
     if progress.note:
         meta["stylize:warning"] = progress.note
     return meta
+
+
+def bigger_metadata(size: tuple[int, int], recorded: dict[str, str]) -> dict[str, str]:
+    """The PNG text chunk of a picture made bigger: the (width, height) of the result it was made from, and that
+    result's settings where it records settings this app takes (`recorded`: its text chunks; None where it does
+    not, e.g. a picture made elsewhere)."""
+    from .settings import Settings, SettingsError
+
+    try:
+        settings = json.loads(Settings.from_json(recorded["stylize:settings"]).to_json())
+    except (KeyError, SettingsError, ValueError, TypeError, AttributeError, RecursionError):
+        settings = None
+    return {"stylize:bigger_from": json.dumps({"size": list(size), "settings": settings})}

@@ -28,7 +28,7 @@ from PIL import Image, ImageChops
 from . import guard
 from .device import gpu_names, pick_device
 from .engine import transfer
-from .images import load_image, load_opacity, result_metadata, save_png
+from .images import bigger_metadata, load_image, load_opacity, png_metadata, result_metadata, save_png
 from .plan import job_work
 from .settings import PRESETS, Settings, SettingsError, brief, knob
 from .timing import GPU_SPEED, SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
@@ -86,11 +86,13 @@ def _job_images(
     settings: Settings,
     preset: str,
     halt: threading.Event,
-) -> tuple[Image.Image, list[Image.Image], Image.Image | None]:
-    """The photo, the style images and the painted region of one job. The picture's size, the images' count, each
-    file's header, their pixels together and the job's time are checked before any pixel is decoded; then each
-    image is shrunk to what the engine uses as soon as it is read, so that a job holds at most one full-size image
-    at a time. Each is decoded in a bounded process of its own (stylize.decoding), which `halt` ends."""
+    result: str | None,
+) -> tuple[Image.Image, list[Image.Image], Image.Image | None, Image.Image | None]:
+    """The photo, the style images, the painted region and the result to make bigger (`result`, where given) of
+    one job. The picture's size, the images' count, each file's header, their pixels together and the job's time
+    are checked before any pixel is decoded; then each image is shrunk to what the engine uses as soon as it is
+    read, so that a job holds at most one full-size image at a time. Each is decoded in a bounded process of its
+    own (stylize.decoding), which `halt` ends."""
     files = [
         (content, "photo"),
         (style, "style artwork"),
@@ -105,11 +107,13 @@ def _job_images(
         gpu=device_kind() == "gpu",
         clock=job_clock(),
         preset=PRESET_LABELS[preset],
+        result=result,
     )
     photo = load_image(content, "photo", settings.size, halt)
     style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
     styles = [load_image(path, what, style_side, halt) for path, what in files[1 : 2 + len(extra_styles)]]
-    return photo, styles, _painted_region(layers, photo.size, halt)
+    start = load_image(result, "result to make bigger", settings.size, halt) if result else None
+    return photo, styles, _painted_region(layers, photo.size, halt), start
 
 
 def _painted_region(layers: list[str], size: tuple[int, int], halt: threading.Event) -> Image.Image | None:
@@ -118,6 +122,20 @@ def _painted_region(layers: list[str], size: tuple[int, int], halt: threading.Ev
         return None
     region = functools.reduce(ImageChops.lighter, (load_opacity(path, "painted region", size, halt) for path in layers))
     return region if region.getbbox() else None
+
+
+def bigger_size(side: int, size: float | None) -> int:
+    """The size a result `side` px long is made bigger to: `size` where that is larger, else twice the result's, up
+    to the largest this server makes."""
+    largest = guard.max_size(device_kind() == "gpu")
+    if size is not None and size > side:
+        return int(size)
+    if side >= largest:
+        raise SettingsError(
+            f"This picture is {side} px long, the largest this server makes; make print sizes with the command "
+            f"line (stylize PHOTO STYLE --from RESULT.png --bigger --size {2 * side})."
+        )
+    return min(2 * side, largest)
 
 
 def numbers(text: str | None) -> tuple[float, ...]:
@@ -153,15 +171,20 @@ def frames(
     settings: Settings,
     preset: str,
     halt: threading.Event,
+    result: str | None = None,
 ) -> Iterator[Frame]:
-    """One job's blocking work: its images read, then the engine's frames, until `halt` is set. One run at a time
-    per worker (run_slots): a stopped run's thread ends its step after its job has ended, before the next run."""
-    photo, styles, region = _job_images(content, style, extra_styles, layers, settings, preset, halt)
+    """One job's blocking work: its images read, then the engine's frames, until `halt` is set; `result`, a PNG
+    to make bigger from. One run at a time per worker (run_slots): a stopped run's thread ends its step after its
+    job has ended, before the next run."""
+    photo, styles, region, start = _job_images(content, style, extra_styles, layers, settings, preset, halt, result)
+    made_from = {} if start is None else bigger_metadata(start.size, png_metadata(result))
     with run_slots(guard.LIMITS.concurrency):
         if halt.is_set():
             return
-        with GPUS.device() as device, closing(_run(photo, styles, replace(settings, device=device), region)) as run:
-            yield from run
+        with GPUS.device() as device:
+            run = _run(photo, styles, replace(settings, device=device), region, start, made_from)
+            with closing(run):
+                yield from run
 
 
 async def in_thread(make: Callable[[threading.Event], Iterator[Frame]], stop: threading.Event) -> AsyncIterator[Frame]:
@@ -236,18 +259,31 @@ class Frame:
     metadata: dict[str, str]  # the PNG's text chunks: settings, weights, warning
 
 
-def _gpu_seconds(content: Image.Image, styles: list[Image.Image], settings: Settings, mask: Image.Image | None) -> int:
+def _gpu_seconds(
+    content: Image.Image,
+    styles: list[Image.Image],
+    settings: Settings,
+    mask: Image.Image | None,
+    start: Image.Image | None,
+    made_from: dict[str, str],
+) -> int:
     """A ZeroGPU time slot for one run: start-up plus the steps, which cost more the bigger the image."""
     return round(30 + settings.steps * 0.1 * (settings.size / 1024) ** 2)
 
 
 @GPU(duration=_gpu_seconds)
 def _run(
-    content: Image.Image, styles: list[Image.Image], settings: Settings, mask: Image.Image | None
+    content: Image.Image,
+    styles: list[Image.Image],
+    settings: Settings,
+    mask: Image.Image | None,
+    start: Image.Image | None,
+    made_from: dict[str, str],
 ) -> Iterator[Frame]:
-    """Drive the engine: a Frame for each preview, then the final one at full size."""
-    steps = transfer(content, styles, settings, mask=mask)
-    work = job_work(content.size, settings)
+    """Drive the engine: a Frame for each preview, then the final one at full size. `start`, a result to make
+    bigger, and `made_from`, what its PNG is to record of it."""
+    steps = transfer(content, styles, settings, mask=mask, bigger_from=start)
+    work = job_work(content.size, settings, 0 if start is None else max(start.size))
     try:
         for progress in steps:
             yield Frame(
@@ -265,7 +301,7 @@ def _run(
                 progress.final,
                 progress.device,
                 progress.precision,
-                result_metadata(settings, progress),
+                result_metadata(settings, progress) | made_from,
             )
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
@@ -363,6 +399,14 @@ def _stopped_at(frame: Frame) -> str:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+# /bigger's own parameters, and what its `size` means there.
+BIGGER_HELP = {
+    "result": "The result PNG to make bigger (from /stylize or /bigger): the start of the bigger picture.",
+    "size": "Long side of the bigger picture in px, where larger than the result's; left out (or not larger): "
+    "twice the result's, up to the largest this server makes.",
+}
 
 
 def api_help(kind: str) -> dict[str, str]:

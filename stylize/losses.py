@@ -12,7 +12,7 @@ All statistics are computed in float32 (features from a reduced-precision networ
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -264,6 +264,13 @@ def style_loss(features: torch.Tensor, target: StyleTarget, mask: torch.Tensor |
     return (mean - target.mean).square().mean() + cov_term / channels
 
 
+def gaussian_style_loss(stats: Gaussian, target: StyleTarget) -> torch.Tensor:
+    """`style_loss` of features whose Gaussian is already known (a tiled picture's, gathered in pieces)."""
+    inner = target.cov_sqrt @ stats.cov @ target.cov_sqrt
+    cov_term = stats.cov.trace() + target.cov_trace - 2 * trace_sqrt(inner)
+    return (stats.mean - target.mean).square().mean() + cov_term / stats.mean.shape[0]
+
+
 def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over channels and positions."""
     return (_at_least_float32(features) - _at_least_float32(target)).square().mean()
@@ -281,43 +288,88 @@ def tv_loss(image: torch.Tensor) -> torch.Tensor:
     return (dx.square() + dy.square()).mean()
 
 
-STATISTICS_MARGIN = 64  # px of context around a tile whose statistics are taken (style images past the tile size)
+CELL = 16  # relu5_1's stride: crops cut on multiples of it line up with the whole picture's positions at every layer
+STATISTICS_MARGIN = 64  # px of context around a piece whose statistics are taken (more is free: no gradients)
+
+
+def piece_grid(size: tuple[int, int], tile: int) -> list[tuple[slice, slice, slice, slice]]:
+    """(rows, columns, seen rows, seen columns) of the pieces a picture's statistics are taken in: cores on whole
+    cells covering the picture once, each seen with STATISTICS_MARGIN px of context, no larger than `tile` (one
+    piece, the whole, where it fits or `tile` is 0)."""
+    width, height = size
+    if not tile or max(size) <= tile:
+        return [(slice(0, height), slice(0, width)) * 2]
+    core = max(CELL, (tile - 2 * STATISTICS_MARGIN) // CELL * CELL)
+
+    def seen(span: slice, length: int) -> slice:
+        return slice(max(0, span.start - STATISTICS_MARGIN), min(length, span.stop + STATISTICS_MARGIN))
+
+    return [
+        (rows, columns, seen(rows, height), seen(columns, width))
+        for rows in (slice(top, min(height, top + core)) for top in range(0, height, core))
+        for columns in (slice(left, min(width, left + core)) for left in range(0, width, core))
+    ]
+
+
+def at_layer(features: torch.Tensor, rows: slice, columns: slice, step: int) -> torch.Tensor:
+    """The positions of a map of stride `step` that lie under `rows` x `columns` px of the picture it was made of:
+    cuts on whole cells, and the partial last cell where the picture ends (VGG19 pools in ceil mode)."""
+    return features[..., rows.start // step : -(-rows.stop // step), columns.start // step : -(-columns.stop // step)]
+
+
+def feature_pieces(
+    vgg: torch.nn.Module, crop: Callable[[slice, slice], torch.Tensor], size: tuple[int, int], tile: int
+) -> Iterator[tuple[slice, slice, dict[str, torch.Tensor]]]:
+    """VGG19's features of a (width, height) picture in pieces (`piece_grid`), without gradients: (rows, columns,
+    features) of each piece's core, its features cut to the core so that every position counts once.
+    `crop(rows, columns)` gives the picture's pixels there."""
+    for rows, columns, seen_rows, seen_columns in piece_grid(size, tile):
+        with torch.no_grad():  # never around a yield: it would turn gradients off for the caller too
+            features = vgg(crop(seen_rows, seen_columns))
+        core_rows = slice(rows.start - seen_rows.start, rows.stop - seen_rows.start)
+        core_columns = slice(columns.start - seen_columns.start, columns.stop - seen_columns.start)
+        yield rows, columns, {name: at_layer(f, core_rows, core_columns, stride(name)) for name, f in features.items()}
+
+
+class GaussianSums:
+    """Running weighted sums of features and of their products, per layer: the Gaussians of a picture taken in
+    pieces (in float64: a sum over millions of positions)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list] = {}  # name -> [weight, sum of w·f, sum of w·f·fᵀ]
+
+    def add(self, name: str, features: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """A piece's (1, C, h, w) features, weighted by a (1, 1, h, w) mask where given."""
+        kept = features[0].flatten(1).double()
+        weighted = kept if mask is None else kept * mask.flatten().double()
+        total = self.sums.setdefault(name, [0, 0.0, 0.0])
+        total[0] += kept.shape[1] if mask is None else mask.double().sum()
+        total[1] += weighted.sum(1)
+        total[2] += weighted @ kept.T
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The total weight of a layer's positions: how many there are, or the mask's sum."""
+        return torch.as_tensor(self.sums[name][0], dtype=torch.float32)
+
+    def gaussians(self) -> dict[str, Gaussian]:
+        out = {}
+        for name, (weight, first, second) in self.sums.items():
+            weight = torch.as_tensor(weight, dtype=torch.float64).clamp_min(1e-12)
+            mean = first / weight
+            out[name] = Gaussian(mean.float(), (second / weight - torch.outer(mean, mean)).float())
+        return out
 
 
 @torch.no_grad()
 def tiled_gaussians(vgg: torch.nn.Module, image: torch.Tensor, layers: list[str], tile: int) -> dict[str, Gaussian]:
-    """Gaussians of an image's activations; where it is bigger than `tile`, summed over tiles that see a margin
+    """Gaussians of an image's activations; where it is bigger than `tile`, summed over pieces that see a margin
     of context around them, so that memory follows the tile and every position counts once, as in the whole."""
     height, width = image.shape[-2:]
     if not tile or max(height, width) <= tile:
         features = vgg(image)
         return {name: gaussian(features[name]) for name in layers}
-    core = max(16, (tile - 2 * STATISTICS_MARGIN) // 16 * 16)  # whole pooling cells: crops line up at every layer
-    sums: dict[str, list] = {name: [0, 0.0, 0.0] for name in layers}  # positions, sum of f, sum of f·fᵀ
-    for top, left in itertools.product(range(0, height, core), range(0, width, core)):
-        y0, x0 = max(0, top - STATISTICS_MARGIN), max(0, left - STATISTICS_MARGIN)
-        features = vgg(
-            image[
-                ..., y0 : min(height, top + core + STATISTICS_MARGIN), x0 : min(width, left + core + STATISTICS_MARGIN)
-            ]
-        )
+    sums = GaussianSums()
+    for _, _, features in feature_pieces(vgg, lambda rows, columns: image[..., rows, columns], (width, height), tile):
         for name in layers:
-            f = stride(name)  # ceil division at the picture's end: its partial last cell is pooled (ceil mode)
-            kept = (
-                features[name][
-                    0,
-                    :,
-                    (top - y0) // f : -(-(min(height, top + core) - y0) // f),
-                    (left - x0) // f : -(-(min(width, left + core) - x0) // f),
-                ]
-                .flatten(1)
-                .double()
-            )
-            sums[name][0] += kept.shape[1]
-            sums[name][1] += kept.sum(1)
-            sums[name][2] += kept @ kept.T
-    out = {}
-    for name, (count, total, products) in sums.items():
-        mean = total / count
-        out[name] = Gaussian(mean.float(), (products / count - torch.outer(mean, mean)).float())
-    return out
+            sums.add(name, features[name])
+    return sums.gaussians()

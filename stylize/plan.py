@@ -3,7 +3,8 @@ each step costs (what the job clock prices a job by).
 
 A transfer starts small (about 128 px on the long side), where steps are cheap and the layout forms, and is
 upsampled by about sqrt(2) per scale up to the requested size, with fewer steps at each larger scale. A scale
-bigger than `tile_size` is optimized in overlapping tiles, the grid moved between passes.
+bigger than `tile_size` (or than memory allows) is optimized tile by tile as the one picture it is (tiles.py).
+Making a result bigger, only the scales above its size are made.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from . import images
+from . import images, tiles
 from .device import free_memory
+from .losses import CELL, piece_grid
 from .settings import MIN_TILE_SIZE, Settings, SettingsError
 
 if TYPE_CHECKING:
     import torch
 
 MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
-TILE_OVERLAP = 64  # px that neighbouring tiles share, blended with feathered edges
 # Peak working memory per pixel optimized at once, by the network's precision (bench/README.md, with room to
-# spare), and per pixel of a tiled picture, which stays whole in memory (picture, photo, region, snapshot).
+# spare), and per pixel of the picture, whose state stays whole in memory however it is made: picture, photo,
+# region, Adam's two moments and the average (4 bytes a channel each), the content target (relu4_2: 512 channels
+# at an 8th of the side), and the previews' and the next scale's copies.
 BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
-PICTURE_BYTES_PER_PIXEL = 80
+PICTURE_BYTES_PER_PIXEL = 160
+TILE_BYTES = 4 * 2**30  # auto tiles: the most one tile's working memory takes, whatever is free (bench/README.md)
 
 
 @dataclass(frozen=True)
@@ -50,46 +54,26 @@ class Scale:
     steps: int
     tile: int  # side of the square tiles it is optimized in, in px; 0 where it is optimized whole
 
-    @property
-    def passes(self) -> int:
-        """Passes over the tiles, the grid moved between them; each tile gets steps / passes steps a pass."""
-        return 2 if self.tile and self.steps >= 4 else 1
-
-    def tile_steps(self, tile_pass: int) -> int:
-        return self.steps // self.passes + (tile_pass < self.steps % self.passes)
-
-    def grid(self, tile_pass: int) -> list[tuple[slice, slice]]:
-        """(rows, columns) of each tile in a pass; the grid moves by half a tile between passes."""
+    def grid(self, sweep: int) -> list[tuple[slice, slice]]:
+        """(rows, columns) of each tile's core at a sweep (1-based; each sweep is one step of the whole picture):
+        the whole picture where the scale is made whole."""
         if not self.tile:
             return [(slice(0, self.size[1]), slice(0, self.size[0]))]
-        shifted = tile_pass % 2 == 1
-        return [
-            (rows, columns)
-            for rows in _spans(self.size[1], self.tile, shifted)
-            for columns in _spans(self.size[0], self.tile, shifted)
-        ]
+        return tiles.grid(self.size, self.tile, sweep)
+
+    def step_cost(self, sweep: int) -> int:
+        """The work of a step (see work_done): its pixels, or at a tiled scale the pixels its tiles see, margins
+        included, and a third of those its statistics pass sees (a forward without a backward)."""
+        if not self.tile:
+            return self.size[0] * self.size[1]
+        pieces = piece_grid(self.size, tiles.statistics_side(self.tile))
+        statistics = sum((rows.stop - rows.start) * (columns.stop - columns.start) for _, _, rows, columns in pieces)
+        return tiles.work(self.size, self.grid(sweep)) + statistics // 3
 
     @property
-    def step_cost(self) -> int:
-        """Pixels optimized by one step over the whole picture: overlapping tiles count their overlap twice, and
-        the passes' grids (which differ in tiles) are averaged over the steps."""
-
-        def area(grid: list[tuple[slice, slice]]) -> int:
-            return sum((r.stop - r.start) * (c.stop - c.start) for r, c in grid)
-
-        return round(sum(self.tile_steps(p) * area(self.grid(p)) for p in range(self.passes)) / self.steps)
-
-
-def _spans(length: int, tile: int, shifted: bool) -> list[slice]:
-    """Overlapping spans of at most `tile` px along one axis: equal parts, each reaching half the overlap past
-    its ends; `shifted`, the cuts fall halfway between the unshifted ones (and the end parts are half parts)."""
-    if length <= tile:
-        return [slice(0, length)]
-    parts = math.ceil(length / (tile - TILE_OVERLAP))
-    cuts = [round(length * (k - 0.5 * shifted) / parts) for k in range(1, parts + shifted)]
-    bounds = [0, *cuts, length]
-    half = TILE_OVERLAP // 2
-    return [slice(max(0, a - half), min(length, b + half)) for a, b in itertools.pairwise(bounds)]
+    def work(self) -> int:
+        """The work of all its steps."""
+        return sum(self.step_cost(sweep) for sweep in range(1, self.steps + 1))
 
 
 def scale_sizes(
@@ -119,40 +103,57 @@ def split_steps(total: int, scales: int, schedule: Schedule = SCHEDULE) -> list[
     return counts
 
 
-def plan(image_size: tuple[int, int], settings: Settings, schedule: Schedule = SCHEDULE) -> list[Scale]:
-    """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles."""
+def plan(
+    image_size: tuple[int, int], settings: Settings, schedule: Schedule = SCHEDULE, *, above: int = 0
+) -> list[Scale]:
+    """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles. Making a picture
+    `above` px long bigger, only the scales longer than it (with the steps they have in the whole plan)."""
     sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps :]
-    return [
+    scales = [
         Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
         for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule), strict=True)
+        if max(size) > above
     ]
+    if not scales:
+        raise SettingsError(f"To make a {above} px picture bigger, choose a size above {above} px.")
+    return scales
 
 
 def work_done(scales: list[Scale]) -> list[int]:
-    """Work done after each step, a step costing the pixels it optimizes: what VGG19's time grows with."""
-    return list(itertools.accumulate(scale.step_cost for scale in scales for _ in range(scale.steps)))
+    """Work done after each step, a step costing the pixels VGG19 runs through (Scale.step_cost): what its time
+    grows with."""
+    return list(itertools.accumulate(scale.step_cost(sweep) for scale in scales for sweep in range(1, scale.steps + 1)))
 
 
-def job_work(content_size: tuple[int, int], settings: Settings) -> int:
-    """The total work of a transfer of a `content_size` photo (see work_done), known before it starts (tiles
-    that memory may call for, and their overlap, left out)."""
-    return work_done(plan(content_size, settings))[-1]
+def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0) -> int:
+    """The total work of a transfer of a `content_size` photo (see work_done; `above` as for plan), known before
+    it starts: tiles that `tile_size` asks for counted with their margins, those that memory may call for left
+    out (a server's memory is not known before its device is)."""
+    return work_done(plan(content_size, settings, above=above))[-1]
+
+
+def peak_bytes(scale: Scale, precision: str) -> int:
+    """The memory model: the picture's state, and the working memory of what is optimized at once."""
+    width, height = scale.size
+    at_once = min(scale.tile, width) * min(scale.tile, height) if scale.tile else width * height
+    return PICTURE_BYTES_PER_PIXEL * width * height + BYTES_PER_PIXEL[precision] * at_once
 
 
 def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
     """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
-    never); a size that does not fit even so is refused now rather than killed half-way."""
+    never): tiles whose working memory stays within TILE_BYTES, not all that is free. A size that does not fit
+    even so is refused now rather than killed half-way."""
     free = free_memory(device)
-    per_pixel = BYTES_PER_PIXEL[precision]
 
     def fitted(scale: Scale) -> Scale:
         width, height = scale.size
-        if scale.tile or free is None or per_pixel * width * height <= free:
+        if scale.tile or free is None or peak_bytes(scale, precision) <= free:
             return scale
-        side = math.isqrt(max(0, free - PICTURE_BYTES_PER_PIXEL * width * height) // per_pixel) // 16 * 16
+        budget = min(TILE_BYTES, free - PICTURE_BYTES_PER_PIXEL * width * height)
+        side = math.isqrt(max(0, budget) // BYTES_PER_PIXEL[precision]) // CELL * CELL
         if settings.tile_size == 0 or side < MIN_TILE_SIZE:
             raise SettingsError(
-                f"A {width}x{height} picture needs about {per_pixel * width * height / 2**30:.1f} GB "
+                f"A {width}x{height} picture needs about {peak_bytes(scale, precision) / 2**30:.1f} GB "
                 f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "
                 f"choose a smaller size" + (" or let it be made in tiles." if side >= MIN_TILE_SIZE else ".")
             )

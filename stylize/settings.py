@@ -111,7 +111,8 @@ class Settings:
         "adam",
         choices=OPTIMIZERS,
         label="Optimizer",
-        help="Adam reaches a given loss sooner on this objective; L-BFGS, the classic choice, is slower to get there.",
+        help="Adam reaches a given loss sooner on this objective; L-BFGS, the classic choice, is slower to get there. "
+        "Scales made in tiles use Adam.",
     )
     seed: int = _knob(
         0, low=0, high=2**31 - 1, label="Seed", help="Same inputs, settings, seed and device give the same pixels."

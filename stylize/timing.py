@@ -169,40 +169,46 @@ class JobClock:
         if speed is not None and work_done >= self.least_work:
             self.speed = speed
 
-    def estimate(self, content_size: tuple[int, int], settings: Settings) -> float | None:
-        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known."""
+    def estimate(self, content_size: tuple[int, int], settings: Settings, above: int = 0) -> float | None:
+        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known.
+        `above`: the long side of a result the job makes bigger (plan.plan)."""
         if self.speed is None:
             return None
-        return sum(
-            self.speed.seconds(scale.steps, scale.steps * scale.step_cost) for scale in plan(content_size, settings)
-        )
+        return sum(self.speed.seconds(scale.steps, scale.work) for scale in plan(content_size, settings, above=above))
 
-    def check(self, content_size: tuple[int, int], settings: Settings, preset: str, limit: float) -> None:
-        """Refuse a job that would hold the worker longer than `limit` seconds, naming the largest size that fits."""
-        estimate = self._over_limit(content_size, settings, limit)
+    def check(
+        self, content_size: tuple[int, int], settings: Settings, preset: str, limit: float, above: int = 0
+    ) -> None:
+        """Refuse a job that would hold the worker longer than `limit` seconds, naming the largest size that fits
+        (`above` as for `estimate`)."""
+        estimate = self._over_limit(content_size, settings, limit, above)
         if estimate is None:
             return
         sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
-        fits = next((size for size in sizes if self._fits(content_size, replace(settings, size=size), limit)), None)
+        fits = next(
+            (size for size in sizes if self._fits(content_size, replace(settings, size=size), limit, above)), None
+        )
         advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
         raise SettingsError(
             f"A {settings.size} px picture with the {preset} preset would take about "
             f"{about(estimate)} on this server; the limit is {about(limit)}. {advice}"
         )
 
-    def _over_limit(self, content_size: tuple[int, int], settings: Settings, limit: float) -> float | None:
+    def _over_limit(
+        self, content_size: tuple[int, int], settings: Settings, limit: float, above: int = 0
+    ) -> float | None:
         """A job's estimated seconds where they pass `limit`; None where it may run."""
         if limit == math.inf:  # no limit: nothing to wait for
             return None
         self.timed.wait()
-        estimate = self.estimate(content_size, settings)
-        if estimate is None or job_work(content_size, settings) <= self.least_work:
+        estimate = self.estimate(content_size, settings, above)
+        if estimate is None or job_work(content_size, settings, above) <= self.least_work:
             return None
         return estimate if estimate > limit else None
 
-    def _fits(self, content_size: tuple[int, int], settings: Settings, limit: float) -> bool:
+    def _fits(self, content_size: tuple[int, int], settings: Settings, limit: float, above: int) -> bool:
         try:
-            return self._over_limit(content_size, settings, limit) is None
+            return self._over_limit(content_size, settings, limit, above) is None
         except SettingsError:  # too small for this photo's shape
             return False
 

@@ -25,9 +25,9 @@ from PIL import Image
 from starlette.middleware import Middleware  # gradio's web framework
 
 from . import guard, jobs
-from .components import Number, Page, Radio, RegionEditor, Slider, Upload
+from .components import Page, Radio, RegionEditor, image_input, setting_number, setting_radio, setting_slider
 from .images import MAX_BYTES, ImageError, image_size
-from .jobs import PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_help, device_kind, job_clock
+from .jobs import BIGGER_HELP, PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_help, device_kind, job_clock
 from .link_preview import ASSETS, DESCRIPTION, TITLE, LinkPreview
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
 from .ssr import SSR_NODE_MAJOR, ssr_available, ssr_check
@@ -81,8 +81,8 @@ def build_demo() -> gr.Blocks:
 
     # A size left out means the preset's size, so its default is none.
     with Page(
-        api_help={"/stylize": _api_help()},
-        api_defaults={"/stylize": {"size": None}},
+        api_help=_api_help(),
+        api_defaults={"/stylize": {"size": None}, "/bigger": {"size": None}},
         title=TITLE,
         delete_cache=(guard.LIMITS.sweep_seconds, guard.LIMITS.keep_seconds),
         analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true",
@@ -94,8 +94,8 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Row(equal_height=True):
-                    content = _upload("Photo", elem_id="content")
-                    style = _upload("Style artwork", elem_id="style")
+                    content = image_input("Photo", elem_id="content")
+                    style = image_input("Style artwork", elem_id="style")
                 with gr.Row():
                     preset = Radio(
                         [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
@@ -106,12 +106,12 @@ def build_demo() -> gr.Blocks:
                             for name, p in PRESETS[kind].items()
                         ),
                     )
-                    size = _slider(
+                    size = setting_slider(
                         "size", step=32, value=PRESETS[kind]["standard"]["size"], high=guard.max_size(kind == "gpu")
                     )
                 with gr.Row():
-                    style_strength = _slider("style_strength", step=0.1)
-                    content_strength = _slider("content_strength", step=0.1)
+                    style_strength = setting_slider("style_strength", step=0.1)
+                    content_strength = setting_slider("content_strength", step=0.1)
                 with gr.Row(elem_id="actions"):
                     run = gr.Button("Stylize", variant="primary", elem_id="run")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
@@ -121,15 +121,17 @@ def build_demo() -> gr.Blocks:
                 )
                 status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
                 download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
+                bigger = gr.Button("Make it bigger", visible=False, elem_id="bigger")
+                made = gr.File(visible=False, file_types=[".png"], elem_id="bigger-source")  # /bigger's `result`
 
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                preserve_colors = _radio("preserve_colors")
-                optimizer = _radio("optimizer")
+                preserve_colors = setting_radio("preserve_colors")
+                optimizer = setting_radio("optimizer")
             with gr.Row():
-                style_scale = _slider("style_scale", step=0.05)
-                smoothing = _slider("smoothing", step=0.1)
-                seed = _whole_number("seed")
+                style_scale = setting_slider("style_scale", step=0.05)
+                smoothing = setting_slider("smoothing", step=0.1)
+                seed = setting_number("seed")
             with gr.Row():
                 with gr.Column():
                     extra_styles = gr.Gallery(
@@ -186,43 +188,38 @@ def build_demo() -> gr.Blocks:
         # Through the queue: a warning reaches the page only as one of the queue's messages.
         content.upload(_said_if_no_image("photo"), content, None, api_visibility="private")
         style.upload(_said_if_no_image("style artwork"), style, None, api_visibility="private")
-        download.change(lambda png: gr.DownloadButton(interactive=bool(png)), download, download, **private)
+        # Make it bigger: shown once there is a result (finished or stopped), whose PNG is the bigger one's start.
+        download.change(
+            lambda png: (gr.DownloadButton(interactive=bool(png)), gr.Button(visible=bool(png))),
+            download,
+            [download, bigger],
+            **private,
+        )
         examples.load_input_event.then(None, js=PRESS_STYLIZE_JS, **private)
 
         def busy(request: gr.Request) -> tuple:  # here, not at module level: it looks at this app's queue
             STOP_FLAGS[request.session_hash] = threading.Event()
             return _busy(_someone_ahead(demo))
 
+        def busy_bigger(history: list, request: gr.Request) -> tuple:  # the latest result: the gallery's first
+            return history[0][0] if history else None, *busy(request)
+
+        inputs = [content, style, preset, size, style_strength, content_strength, preserve_colors, style_scale]
+        inputs += [extra_styles, style_weights, mask, optimizer, seed, smoothing]
+        queued = {"concurrency_limit": guard.LIMITS.concurrency, "concurrency_id": RUN_QUEUE}
+        shown = {"show_progress": "minimal", "show_progress_on": result}
         started = run.click(busy, None, [run, stop, download, status, result], js=SHOW_RESULT_JS, **private)
-        job = started.then(
-            stylize,
-            [
-                content,
-                style,
-                preset,
-                size,
-                style_strength,
-                content_strength,
-                preserve_colors,
-                style_scale,
-                extra_styles,
-                style_weights,
-                mask,
-                optimizer,
-                seed,
-                smoothing,
-            ],
-            [result, status, download],
-            api_name="stylize",
-            concurrency_limit=guard.LIMITS.concurrency,
-            concurrency_id=RUN_QUEUE,
-            show_progress="minimal",
-            show_progress_on=result,
+        job = started.then(stylize, inputs, [result, status, download], api_name="stylize", **queued, **shown)
+        enlarging = bigger.click(
+            busy_bigger, history, [made, run, stop, download, status, result], js=SHOW_RESULT_JS, **private
         )
-        # Stylize comes back once the run has really ended: after an error too, which .then() skips.
-        job.then(_idle, None, [run, stop], **private)
-        job.then(_remember, [download, preset, history], [gallery, history], **private)
-        job.failure(_failed, None, [run, stop, status], **private)
+        enlarged = enlarging.then(
+            make_bigger, [made, *inputs], [result, status, download], api_name="bigger", **queued, **shown
+        )
+        for ran in (job, enlarged):  # buttons back once the run has really ended: after an error too (not .then())
+            ran.then(_idle, None, [run, stop], **private)
+            ran.then(_remember, [download, preset, history], [gallery, history], **private)
+            ran.failure(_failed, None, [run, stop, status], **private)
         stop.click(_request_stop, None, stop, **private)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=guard.LIMITS.queue_size, api_open=False)
@@ -289,9 +286,10 @@ async def stylize(
     seed: float,
     smoothing: float,
     request: gr.Request | None = None,
+    bigger_from: str | None = None,
 ) -> AsyncIterator[tuple]:
     """Repaint a photo in the style of an artwork. Streams the picture and a status line while it works, then
-    gives the result as a PNG that records its settings."""
+    gives the result as a PNG that records its settings."""  # `bigger_from`: make_bigger's, never the API's
     # The page's Stop sets its session's flag (busy() made it); an API caller stops a run by cancelling its job.
     stop = STOP_FLAGS.pop(request.session_hash, None) if request else None
     stop = stop or threading.Event()
@@ -304,6 +302,8 @@ async def stylize(
     try:
         if not content or not style:
             raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
+        if bigger_from:
+            size = jobs.bigger_size(max(image_size(bigger_from, "result to make bigger")), size)
         settings = Settings.from_preset(
             preset,
             device_kind(),
@@ -317,7 +317,9 @@ async def stylize(
             seed=seed,
             smoothing=smoothing,
         )
-        frames = functools.partial(jobs.frames, content, style, extra_styles or [], mask or [], settings, preset)
+        frames = functools.partial(
+            jobs.frames, content, style, extra_styles or [], mask or [], settings, preset, result=bigger_from
+        )
         time_left = None
         async with aclosing(jobs.in_thread(frames, stop)) as run:
             async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
@@ -344,6 +346,36 @@ async def stylize(
         return
     png = await asyncio.to_thread(jobs.save, frame, gr.utils.get_upload_folder())
     yield png, jobs.ended(frame), png
+
+
+async def make_bigger(
+    result: str | None,
+    content: str | None,
+    style: str | None,
+    preset: str,
+    size: float | None,
+    style_strength: float,
+    content_strength: float,
+    preserve_colors: str,
+    style_scale: float,
+    extra_styles: list | None,
+    style_weights: str,
+    mask: list[str] | None,
+    optimizer: str,
+    seed: float,
+    smoothing: float,
+    request: gr.Request | None = None,
+) -> AsyncIterator[tuple]:
+    """Make a result bigger: that very picture is the start, and only the scales above its size are made, so the
+    bigger picture is the result's. Streams as /stylize does; the PNG records what it was made bigger from."""
+    if not result:
+        raise gr.Error("Make a picture first: there is no result to make bigger.", print_exception=False)
+    controls = (style_strength, content_strength, preserve_colors, style_scale, extra_styles, style_weights)
+    async with aclosing(
+        stylize(content, style, preset, size, *controls, mask, optimizer, seed, smoothing, request, result)
+    ) as run:
+        async for outputs in run:
+            yield outputs
 
 
 def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
@@ -401,41 +433,12 @@ def _request_stop(request: gr.Request) -> gr.Button:
     return gr.Button(interactive=False)
 
 
-def _api_help() -> dict[str, str]:
-    """The /stylize endpoint's parameter descriptions (jobs.api_help), for the API page and gradio_client's
-    view_api(); MCP tools read them from the handler's docstring, set here too."""
+def _api_help() -> dict[str, dict[str, str]]:
+    """The /stylize and /bigger endpoints' parameter descriptions (jobs.api_help), for the API page and
+    gradio_client's view_api(); MCP tools read them from the handlers' docstrings, set here too."""
     helps = api_help(device_kind())
-    args = "".join(f"    {name}: {text}\n" for name, text in helps.items())
-    stylize.__doc__ = (stylize.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + args
-    return helps
-
-
-def _upload(label: str, elem_id: str) -> Upload:
-    """An image input (upload, paste or webcam) whose file reaches the job unopened (components.Upload)."""
-    return Upload(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340, elem_id=elem_id)
-
-
-def _slider(name: str, step: float, value: float | None = None, high: float | None = None) -> Slider:
-    """A slider over a setting's range, or up to `high` where this server allows less (said in its help)."""
-    info = knob(name)
-    help_text = info["help"] if high is None else f"{info['help']} Up to {high:g} px on this server."
-    return Slider(
-        info["low"],
-        info["high"] if high is None else high,
-        step=step,
-        value=info["default"] if value is None else value,
-        label=info["label"],
-        info=help_text,
-    )
-
-
-def _whole_number(name: str) -> Number:
-    info = knob(name)
-    return Number(
-        info["default"], precision=0, minimum=info["low"], maximum=info["high"], label=info["label"], info=info["help"]
-    )
-
-
-def _radio(name: str) -> Radio:
-    info = knob(name)
-    return Radio(list(info["choices"]), value=info["default"], label=info["label"], info=info["help"])
+    described = {"/stylize": helps, "/bigger": {"result": BIGGER_HELP["result"]} | helps | BIGGER_HELP}
+    for handler, endpoint in ((stylize, "/stylize"), (make_bigger, "/bigger")):
+        args = "".join(f"    {name}: {text}\n" for name, text in described[endpoint].items())
+        handler.__doc__ = (handler.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + args
+    return described

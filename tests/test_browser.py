@@ -241,6 +241,26 @@ def test_the_page_says_when_it_runs_on_untrained_features(page):
     assert "untrained" in notice and "STYLIZE_WEIGHTS" in notice
 
 
+def test_make_it_bigger_refines_the_result_shown(page, tmp_path):
+    assert not page.locator("#bigger").is_visible()  # no result yet
+    upload_both(page)
+    page.get_by_text("Fast draft", exact=True).click()
+    page.locator("#run").click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    with _download(page, tmp_path / "small.png") as png:
+        small = png.convert("RGB")
+    page.locator("#bigger").click()
+    page.wait_for_function("() => !document.querySelector('#status').innerText.includes('Done')")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    with _download(page, tmp_path / "big.png") as png:
+        assert max(png.size) == 2 * TEST_PRESETS["draft"]["size"]
+        assert json.loads(png.text["stylize:bigger_from"])["size"] == list(small.size)
+        shrunk = np.asarray(png.convert("RGB").resize(small.size, Image.Resampling.BOX), np.float64)
+    assert np.abs(shrunk - np.asarray(small, np.float64)).mean() < 12  # of 255: that very picture, bigger
+    assert page.locator("#bigger").is_visible()  # and again, from the bigger one
+    page.wait_for_function("() => document.querySelectorAll('#history img').length == 2")
+
+
 def upload_both(page) -> None:
     page.locator("#content input[type=file]").set_input_files(ASSETS / "cat.jpg")
     page.locator("#style input[type=file]").set_input_files(ASSETS / "swirls.jpg")

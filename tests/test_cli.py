@@ -411,3 +411,28 @@ def test_from_a_costly_recorded_run_says_so_before_it_starts(inputs, capsys, mon
         == 130
     )
     assert "records a 8192 px, 5000-step run, about" in capsys.readouterr().err
+
+
+def test_bigger_makes_a_result_bigger_from_itself_and_records_it(inputs, capsys):
+    small, big = inputs / "small.png", inputs / "big.png"
+    both = [str(inputs / "photo.jpg"), str(inputs / "art.png")]
+    assert main([*both, "-o", str(small), "--size", "80", "--steps", "12"]) == 0
+    assert main([*both, "--from", str(small), "--bigger", "--size", "160", "-o", str(big)]) == 0
+    picture = Image.open(big)
+    assert picture.size == (160, 120)
+    meta = png_metadata(big)
+    source = json.loads(meta["stylize:bigger_from"])
+    assert source["size"] == [80, 60] and source["settings"]["size"] == 80
+    assert Settings.from_json(meta["stylize:settings"]).size == 160
+    fresh = inputs / "fresh.png"  # the same size made from scratch: another picture of the same style
+    assert main([*both, "-o", str(fresh), "--size", "160", "--steps", "12"]) == 0
+
+    def away_from_the_result(path: Path) -> float:
+        shrunk = np.asarray(Image.open(path).convert("RGB").resize((80, 60), Image.Resampling.BOX), np.float64)
+        return np.abs(shrunk - np.asarray(Image.open(small).convert("RGB"), np.float64)).mean()
+
+    assert away_from_the_result(big) < 0.85 * away_from_the_result(fresh)  # untrained features: 16.5 vs 22.5 of 255
+    assert main([*both, "--from", str(small), "--bigger", "--size", "64", "-o", str(big)]) == 2
+    assert "choose a size above 80 px" in capsys.readouterr().err
+    assert main([*both, "--from", str(small), "--bigger", "-o", str(big)]) == 2
+    assert "--bigger makes a result bigger" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_running_out_of_memory_mid_run_becomes_a_message(monkeypatch, content_im
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
 
     stream = transfer(content_image, style_image, Settings(size=64, steps=5))
-    monkeypatch.setattr("stylize.engine.tv_loss", no_memory)
+    monkeypatch.setattr("stylize.objective.tv_loss", no_memory)
     with pytest.raises(SettingsError, match="Ran out of CPU memory at .* choose a smaller size"):
         list(stream)
 

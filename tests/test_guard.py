@@ -50,8 +50,17 @@ def test_a_job_costs_its_steps_and_its_pixels():
     clock = JobClock(StepSpeed(fixed=0.5, per_pixel=1e-6))
     scales = plan(PHOTO, Settings(size=512, steps=250))
     assert clock.estimate(PHOTO, Settings(size=512, steps=250)) == pytest.approx(
-        0.5 * 250 + 1e-6 * sum(scale.steps * scale.step_cost for scale in scales)
+        0.5 * 250 + 1e-6 * sum(scale.size[0] * scale.size[1] * scale.steps for scale in scales)
     )
+
+
+def test_a_tiled_job_costs_its_tiles_margins_and_statistics_pass():
+    """Tiles that `tile_size` asks for are counted with their margins (and a bigger job only for its larger
+    scales): the clock must not let through a job the whole picture's pixels would underprice."""
+    clock = JobClock(StepSpeed(fixed=0, per_pixel=1e-6))
+    whole, tiled = Settings(size=1024, steps=20), Settings(size=1024, steps=20, tile_size=256)
+    assert clock.estimate(PHOTO, tiled) > 1.3 * clock.estimate(PHOTO, whole)
+    assert clock.estimate(PHOTO, tiled, above=512) < clock.estimate(PHOTO, tiled)
 
 
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):

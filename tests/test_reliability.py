@@ -48,6 +48,7 @@ from PIL import Image
 
 import stylize.engine
 import stylize.jobs
+import stylize.objective
 import stylize.plan
 import stylize.ui
 from stylize.cli import main as cli_main
@@ -367,7 +368,7 @@ def failing_on_second_step(error: BaseException) -> Callable:
             raise error
         return real(image)
 
-    real = stylize.engine.tv_loss
+    real = stylize.objective.tv_loss
     return tv_loss
 
 
@@ -387,7 +388,7 @@ MID_RUN = [
 
 @pytest.mark.parametrize(("error", "message"), MID_RUN, ids=["torch_oom", "cpu_allocator", "memory_error", "bug"])
 def test_a_failure_mid_run_gives_a_message_and_frees_the_worker(client, good, engine_runs, monkeypatch, error, message):
-    monkeypatch.setattr(stylize.engine, "tv_loss", failing_on_second_step(error))
+    monkeypatch.setattr(stylize.objective, "tv_loss", failing_on_second_step(error))
     with pytest.raises(AppError) as raised:
         client.predict(content=handle_file(good[0]), style=handle_file(good[1]), preset="draft", api_name="/stylize")
     assert message in str(raised.value)

@@ -1,4 +1,4 @@
-"""Tiled rendering: scales past memory optimized tile by tile, against the whole style, without seams."""
+"""Tiled rendering: scales past memory optimized tile by tile as the one picture they are."""
 
 import itertools
 import time
@@ -6,36 +6,51 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import artwork, photo, style_distance
+from helpers import artwork, photo
 from PIL import Image
 
 from stylize import Settings, SettingsError, transfer
-from stylize.engine import fit_in_memory
-from stylize.losses import tiled_gaussians
-from stylize.plan import TILE_OVERLAP, Scale, _spans, plan
+from stylize.engine import _style_targets
+from stylize.images import to_tensor
+from stylize.losses import BALANCES, CELL, tiled_gaussians
+from stylize.objective import Objective
+from stylize.plan import (
+    PICTURE_BYTES_PER_PIXEL,
+    TILE_BYTES,
+    Scale,
+    fit_in_memory,
+    job_work,
+    peak_bytes,
+    plan,
+    work_done,
+)
+from stylize.tiles import MARGIN, Adam, grid, with_margin
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("length", [300, 511, 1000, 4096])
-@pytest.mark.parametrize("shifted", [False, True])
-def test_tiles_cover_the_picture_and_overlap_their_neighbours(length, shifted):
-    spans = _spans(length, 256, shifted)
-    assert spans[0].start == 0 and spans[-1].stop == length
-    assert all(s.stop - s.start <= 256 for s in spans)
-    assert all(a.stop - b.start == TILE_OVERLAP for a, b in itertools.pairwise(spans))
+@pytest.mark.parametrize("size", [(300, 200), (1000, 700), (4096, 3000)])
+@pytest.mark.parametrize("sweep", [1, 2, 7])
+def test_tiles_cores_cover_the_picture_once_on_whole_cells(size, sweep):
+    cores = grid(size, 256, sweep)
+    cover = np.zeros(size[::-1], int)
+    for rows, columns in cores:
+        cover[rows, columns] += 1
+        assert all(s.start % CELL == 0 for s in (rows, columns))  # every layer's positions line up with the whole's
+        seen = with_margin(rows, size[1]), with_margin(columns, size[0])
+        assert all(s.stop - s.start <= 256 for s in seen)  # memory follows the tile, margins included
+    assert (cover == 1).all()
 
 
 def test_a_side_that_fits_one_tile_is_not_cut():
-    assert _spans(200, 256, False) == _spans(200, 256, True) == [slice(0, 200)]
+    assert grid((200, 600), 256, 1)[0][1] == slice(0, 200)
 
 
-def test_the_grid_moves_between_passes():
-    scale = Scale((1000, 700), steps=8, tile=300)
-    assert scale.passes == 2
-    first, second = ({c.start for _, c in scale.grid(p)} - {0} for p in (0, 1))
-    assert first and second and not first & second  # no cut in the same place
+def test_the_grid_moves_every_sweep():
+    cuts = [{c.start for _, c in grid((1000, 700), 300, sweep)} - {0} for sweep in range(1, 6)]
+    assert all(cuts)
+    assert all(not a & b for a, b in itertools.pairwise(cuts))  # no border in the same place two sweeps running
 
 
 def test_only_what_does_not_fit_is_tiled(monkeypatch):
@@ -46,6 +61,21 @@ def test_only_what_does_not_fit_is_tiled(monkeypatch):
     assert all(scale.tile == 0 or scale.tile < max(scale.size) for scale in scales)
     monkeypatch.setattr("stylize.plan.free_memory", lambda device: 64 * 2**30)
     assert all(scale.tile == 0 for scale in fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16"))
+
+
+def test_the_memory_model_counts_the_picture_and_auto_tiles_keep_within_the_budget(monkeypatch):
+    """The picture's state (picture, photo, region, moments, average) is picture-sized however it is made; auto
+    tiles are sized by TILE_BYTES, not by all the memory that happens to be free."""
+    whole, tiled = Scale((4096, 3072), 10, 0), Scale((4096, 3072), 10, 512)
+    assert peak_bytes(tiled, "bf16") - 3200 * 512 * 512 == PICTURE_BYTES_PER_PIXEL * 4096 * 3072
+    assert peak_bytes(whole, "bf16") > 3 * peak_bytes(tiled, "bf16")
+    settings = Settings(size=4096, steps=20)
+    for free in (8 * 2**30, 30 * 2**30):  # a 4096 px picture fits whole in neither
+        monkeypatch.setattr("stylize.plan.free_memory", lambda device, free=free: free)
+        largest = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16")[-1]
+        assert largest.tile and peak_bytes(largest, "bf16") <= min(
+            free, PICTURE_BYTES_PER_PIXEL * 4096 * 3072 + TILE_BYTES
+        )
 
 
 def test_tile_size_asks_for_tiles_or_forbids_them(monkeypatch):
@@ -59,7 +89,15 @@ def test_tile_size_asks_for_tiles_or_forbids_them(monkeypatch):
         Settings(tile_size=100)
 
 
-def test_statistics_taken_in_tiles_are_those_of_the_whole():
+def test_a_tiled_steps_work_counts_the_margins_and_the_statistics_pass():
+    settings = Settings(size=1024, steps=20)
+    tiled = Settings(size=1024, steps=20, tile_size=256)
+    scale = plan((1024, 768), tiled)[-1]
+    assert scale.step_cost(1) > 1024 * 768 * (256 / (256 - 2 * MARGIN)) ** 2 * 0.9  # margins counted
+    assert job_work((1024, 768), tiled) == work_done(plan((1024, 768), tiled))[-1] > job_work((1024, 768), settings)
+
+
+def test_statistics_taken_in_pieces_are_those_of_the_whole():
     settings = Settings()
     vgg = feature_extractor(settings.layers, "untrained", "cpu")
     image = torch.from_numpy(np.asarray(artwork(400, 300, period=12), np.float32) / 255).permute(2, 0, 1)[None]
@@ -71,59 +109,99 @@ def test_statistics_taken_in_tiles_are_those_of_the_whole():
         assert error < 0.05, (name, error.item())
 
 
+@pytest.mark.parametrize(("masked", "size"), [(False, (176, 128)), (True, (176, 128)), (True, (170, 121))])
+def test_a_tiles_gradient_on_its_core_is_the_whole_pictures(masked, size):
+    """Autograd of the whole picture's objective against the tiles' surrogates on their cores, with layers whose
+    receptive field the margin covers (so the two are equal up to float32's round-off), and the losses gathered
+    in pieces against the whole's; on a size no multiple of 16 too, whose partial last cell VGG19 pools."""
+    settings = Settings(
+        content_layer="relu2_2",
+        style_layers=("relu1_1", "relu2_1", "relu3_1"),
+        style_layer_weights=(1, 1, 1),
+        style_strength=3,
+    )
+    vgg = feature_extractor(settings.layers, "untrained", "cpu")
+    picture = to_tensor(photo(*size))
+    x = (picture + 0.2 * torch.rand(picture.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    region = None
+    if masked:
+        region = torch.zeros(1, 1, size[1], size[0])
+        region[..., 40:130] = 1
+        region[..., 60:, :] *= 0.5
+    gradients, losses = {}, {}
+    for tile in (0, 96):
+        objective = Objective(vgg, settings, BALANCES["untrained"], "fp32")
+        objective.aim_style(
+            _style_targets(vgg, [to_tensor(artwork())], [1.0], objective.layer_weights, Scale(size, 1, 0), settings)
+        )
+        objective.aim(picture, region, tile)
+        gradients[tile] = torch.zeros_like(x)
+        if tile:
+            objective.gather(x)
+        cores = Scale(size, 1, tile).grid(2)
+        assert len(cores) > 4 if tile else len(cores) == 1
+        for rows, columns in cores:
+            gradients[tile][..., rows, columns] = objective.gradient(x, rows, columns)
+        losses[tile] = objective.last_losses()
+    error = (gradients[96] - gradients[0]).abs().max() / gradients[0].abs().max()
+    assert error < 2e-3, error.item()
+    assert losses[96] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_one_adam_state_for_the_picture_stepped_a_tile_at_a_time():
+    """Tile by tile with the whole's gradients is the whole step, visit after visit (nothing restarts), and the
+    whole picture's step is torch's Adam's with the averaged iterate."""
+    start = torch.rand(1, 3, 150, 200, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.25
+    gradients = [torch.randn(start.shape, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    whole, tiled = Adam(start, 0.02, 0.8), Adam(start, 0.02, 0.8)
+    x = start.clone().requires_grad_(True)
+    reference = torch.optim.Adam([x], lr=0.02)
+    for step, gradient in enumerate(gradients, start=1):
+        whole.step(slice(None), slice(None), gradient, step)
+        for rows, columns in grid((200, 150), 16 + 2 * MARGIN, step):
+            tiled.step(rows, columns, gradient[..., rows, columns], step)
+        x.grad = gradient
+        reference.step()
+    assert torch.allclose(tiled.x, whole.x) and torch.allclose(tiled.average, whole.average)
+    assert torch.allclose(whole.x, x.detach(), atol=1e-6)
+    assert not torch.allclose(whole.average, whole.x)  # the average lags the iterate
+
+
 @pytest.fixture(scope="module")
 def tiled_and_whole():
     """The same transfer twice at a size where both fit: in 256 px tiles and whole."""
-    content, style = photo(512, 384), artwork(256, 256, period=12)
+    content, style = photo(400, 300), artwork(256, 256, period=12)
     runs = {}
     for name, tile_size in (("tiled", 256), ("whole", 0)):
-        runs[name] = list(transfer(content, style, Settings(size=512, steps=40, tile_size=tile_size)))
+        runs[name] = list(transfer(content, style, Settings(size=400, steps=24, tile_size=tile_size)))
     return content, style, runs
 
 
 def test_a_tiled_run_streams_tiles_then_one_whole_picture(tiled_and_whole):
     _, _, runs = tiled_and_whole
     records = runs["tiled"]
-    assert records[-1].final and records[-1].image().size == (512, 384)
+    assert records[-1].final and records[-1].image().size == (400, 300)
     tiled = [r for r in records if r.tiles]
     assert tiled and all(1 <= r.tile <= r.tiles for r in tiled)
     assert all(r.image().size == r.size for r in records)  # previews: the whole picture at its scale
-    done = [r.done for r in records]
-    assert done == sorted(done) and done[-1] == 1.0
+    done, steps = [r.done for r in records], [r.step for r in records]
+    assert done == sorted(done) and done[-1] == 1.0 and steps == sorted(steps)
 
 
-def test_tiles_leave_no_seams(tiled_and_whole):
-    """Pixel differences across the tiles' borders are like those across any other line (bench/tiles.py measures
-    the same on a big picture, to 10%; this small one has few borders to average over)."""
+def test_tiles_make_the_whole_pictures_picture(tiled_and_whole):
+    """The same objective, optimized in tiles or whole, gives nearly the same picture: no seams, no other look."""
     _, _, runs = tiled_and_whole
-    picture = np.asarray(runs["tiled"][-1].image(), np.float64)
-    final = runs["tiled"][-2]
-    assert final.tiles and final.size == (512, 384)  # the last scale was tiled
-    scale = Scale(final.size, steps=1, tile=256)
-    for axis, spans in ((1, [c for _, c in scale.grid(0)]), (0, [r for r, _ in scale.grid(0)])):
-        step = np.abs(np.diff(picture, axis=axis)).mean(axis=(1 - axis, 2))  # across line i | i + 1
-        borders = {s.start - 1 for s in spans if s.start} | {s.stop - 1 for s in spans if s.stop < len(step) + 1}
-        others = [step[i] for i in range(len(step)) if i not in borders]
-        assert np.mean([step[i] for i in borders]) < 1.25 * np.mean(others)
-
-
-def test_tiles_paint_as_well_as_the_whole(tiled_and_whole):
-    content, style, runs = tiled_and_whole
-    tiled, whole = (runs[name][-1].image() for name in ("tiled", "whole"))
-    assert style_distance(tiled, style) == pytest.approx(style_distance(whole, style), rel=0.25)
-
-    def likeness(image: Image.Image) -> float:
-        """How closely the picture's brightness follows the photo's: its structure kept."""
-        grey = [
-            np.asarray(im.convert("L").resize((32, 24), Image.Resampling.BOX), float).ravel() for im in (image, content)
-        ]
-        return np.corrcoef(*grey)[0, 1]
-
-    assert likeness(tiled) == pytest.approx(likeness(whole), abs=0.15)
+    tiled, whole = (np.asarray(runs[name][-1].image(), np.float64) for name in ("tiled", "whole"))
+    assert runs["tiled"][-1].losses["total"] == pytest.approx(runs["whole"][-1].losses["total"], rel=0.05)
+    # Of 255: equal losses (within 0.2% here) by two routes that round differently, over 24 steps; spread evenly,
+    # with no rise at the tiles' borders (4.4 measured on this engine, with its ceil-mode pooling).
+    assert np.abs(tiled - whole).mean() < 5
+    difference = np.abs(tiled - whole).mean(axis=2)
+    assert difference.max() < 64
 
 
 def test_closing_a_tiled_run_stops_it_at_once():
-    stream = transfer(photo(512, 384), artwork(), Settings(size=512, steps=60, tile_size=256))
+    stream = transfer(photo(512, 384), artwork(), Settings(size=512, steps=400, tile_size=256))
     record = next(r for r in stream if r.tiles)
     assert record.tile >= 1
     started = time.perf_counter()
@@ -131,3 +209,20 @@ def test_closing_a_tiled_run_stops_it_at_once():
     assert time.perf_counter() - started < 0.5
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_a_result_made_bigger_starts_from_it_and_makes_only_the_larger_scales():
+    content, style = photo(400, 300), artwork()
+    small = list(transfer(content, style, Settings(size=128, steps=20)))[-1].image()
+    records = list(transfer(content, style, Settings(size=256, steps=20), bigger_from=small))
+    scales = plan(content.size, Settings(size=256, steps=20), above=128)
+    assert all(max(scale.size) > 128 for scale in scales)
+    assert records[-1].total == sum(s.steps for s in scales) < 20 and records[-1].image().size == (256, 192)
+    bigger = np.asarray(records[-1].image().resize(small.size, Image.Resampling.BOX), np.float64)
+    from_scratch = list(transfer(content, style, Settings(size=256, steps=20)))[-1].image()
+    # Closer to the picture it was made from than a new picture of the same size is.
+    scratch = np.asarray(from_scratch.resize(small.size, Image.Resampling.BOX), np.float64)
+    source = np.asarray(small, np.float64)
+    assert np.abs(bigger - source).mean() < np.abs(scratch - source).mean()
+    with pytest.raises(SettingsError, match="choose a size above 128 px"):
+        transfer(content, style, Settings(size=128, steps=20), bigger_from=small)

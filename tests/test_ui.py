@@ -76,6 +76,28 @@ def test_a_run_streams_several_pictures_then_the_final_png(client, photo, art, m
         assert png.text["stylize:weights"] == "untrained" and "untrained" in png.text["stylize:warning"]
 
 
+def test_bigger_makes_a_result_bigger_from_itself(client, photo, art):
+    """/bigger: the result PNG is the start; the size given, or twice the result's; the PNG says where it came
+    from; the bigger picture, shrunk, is the result it was made from."""
+    *_, small_png = client.predict(content=photo, style=art, preset="draft", api_name="/stylize")
+    small = Image.open(small_png)
+    assert small.size == (64, 48)
+    outputs = list(
+        client.submit(result=handle_file(small_png), content=photo, style=art, preset="draft", api_name="/bigger")
+    )
+    picture, status, download = outputs[-1]
+    assert "Done" in status and download == picture
+    with Image.open(download) as png:
+        assert png.size == (128, 96)  # twice the result's: no size above it was given
+        assert json.loads(png.text["stylize:bigger_from"])["size"] == [64, 48]
+        shrunk = np.asarray(png.convert("RGB").resize(small.size, Image.Resampling.BOX), np.float64)
+    assert np.abs(shrunk - np.asarray(small.convert("RGB"), np.float64)).mean() < 12  # of 255
+    *_, sized = client.predict(
+        result=handle_file(small_png), content=photo, style=art, preset="draft", size=96, api_name="/bigger"
+    )
+    assert Image.open(sized).size == (96, 72)
+
+
 def test_stop_ends_the_run_at_once_and_the_next_job_runs(client, photo, art, engine_runs):
     endless = client.submit(content=photo, style=art, preset="fine", api_name="/stylize")
     next(iter(endless))  # it is running
@@ -160,7 +182,7 @@ def test_a_preset_without_a_size_sets_the_size(client, photo, art):
 
 def test_the_api_describes_its_parameters_with_the_apps_help_texts(client):
     api = client.view_api(return_format="dict", print_info=False)
-    assert list(api["named_endpoints"]) == ["/stylize"]  # the examples and the page's buttons are not API
+    assert list(api["named_endpoints"]) == ["/stylize", "/bigger"]  # the examples and other buttons are not API
     parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/stylize"]["parameters"]}
     for name in (
         "style_strength",
@@ -175,6 +197,11 @@ def test_the_api_describes_its_parameters_with_the_apps_help_texts(client):
     assert parameters["size"]["python_type"]["description"].startswith(knob("size")["help"])
     assert parameters["size"]["parameter_has_default"] and parameters["size"]["parameter_default"] is None
     assert "photo" in parameters["content"]["python_type"]["description"]
+    bigger = {p["parameter_name"]: p for p in api["named_endpoints"]["/bigger"]["parameters"]}
+    assert list(bigger) == ["result", *parameters]
+    assert "result PNG" in bigger["result"]["python_type"]["description"]
+    assert "twice the result's" in bigger["size"]["python_type"]["description"]
+    assert bigger["size"]["parameter_default"] is None
 
 
 def test_someone_is_ahead_only_while_the_worker_is_busy(app, client, photo, art, engine_runs):
