@@ -85,7 +85,7 @@ def test_building_the_app_initialises_no_cuda():
 
 def test_what_a_run_sends_back_pickles():
     """ZeroGPU runs the GPU function in a process of its own and pickles what it yields."""
-    run = stylize.jobs._run(photo(), [artwork()], Settings(size=64, steps=6), None)
+    run = stylize.jobs._run(photo(), [artwork()], Settings(size=64, steps=6), None, None, {})
     frames = [pickle.loads(pickle.dumps(frame)) for frame in run]
     assert len(frames) >= 2 and frames[-1].final and not any(frame.final for frame in frames[:-1])
     assert frames[-1].picture.size == (64, 48) and "stylize:settings" in frames[-1].metadata
@@ -156,13 +156,16 @@ def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
     pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
     with live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true") as app:
         tools = httpx.get(f"{app.local_url}gradio_api/mcp/schema", timeout=60).json()
-    assert [tool["name"] for tool in tools] == ["stylize"]  # nothing else of the page is a tool
-    schema = tools[0]["inputSchema"]
+    assert [tool["name"] for tool in tools] == ["stylize", "make_bigger"]  # nothing else of the page is a tool
+    schema, bigger = tools[0]["inputSchema"], tools[1]["inputSchema"]
     assert tools[0]["description"].startswith("Repaint a photo in the style of an artwork.")
-    assert schema["required"] == ["content", "style"]
+    assert tools[1]["description"].startswith("Make a result bigger: that very picture is the start")
+    assert schema["required"] == ["content", "style"] and bigger["required"] == ["result", "content", "style"]
     for name in ("style_strength", "content_strength", "style_scale", "seed", "smoothing"):
         assert schema["properties"][name]["description"] == knob(name)["help"], name
+        assert bigger["properties"][name]["description"] == knob(name)["help"], name
     assert "preset's size" in schema["properties"]["size"]["description"]
+    assert "twice the result's" in bigger["properties"]["size"]["description"]
 
 
 def test_an_assistant_calls_the_mcp_tool_with_pictures_and_gets_the_picture(tmp_path, pictures):
