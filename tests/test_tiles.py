@@ -169,11 +169,18 @@ def test_one_adam_state_for_the_picture_stepped_a_tile_at_a_time():
 
 @pytest.fixture(scope="module")
 def tiled_and_whole():
-    """The same transfer twice at a size where both fit: in 256 px tiles and whole."""
+    """The same transfer at a size where both fit: in 256 px tiles, whole, and whole again with another number of
+    threads (which rounds differently, and Adam carries rounding far where the gradient is near zero)."""
     content, style = photo(400, 300), artwork(256, 256, period=12)
     runs = {}
     for name, tile_size in (("tiled", 256), ("whole", 0)):
         runs[name] = list(transfer(content, style, Settings(size=400, steps=24, tile_size=tile_size)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        runs["rounded otherwise"] = list(transfer(content, style, Settings(size=400, steps=24)))
+    finally:
+        torch.set_num_threads(threads)
     return content, style, runs
 
 
@@ -191,13 +198,14 @@ def test_a_tiled_run_streams_tiles_then_one_whole_picture(tiled_and_whole):
 def test_tiles_make_the_whole_pictures_picture(tiled_and_whole):
     """The same objective, optimized in tiles or whole, gives nearly the same picture: no seams, no other look."""
     _, _, runs = tiled_and_whole
-    tiled, whole = (np.asarray(runs[name][-1].image(), np.float64) for name in ("tiled", "whole"))
+    tiled, whole, other = (
+        np.asarray(runs[name][-1].image(), np.float64) for name in ("tiled", "whole", "rounded otherwise")
+    )
     assert runs["tiled"][-1].losses["total"] == pytest.approx(runs["whole"][-1].losses["total"], rel=0.05)
-    # Of 255: equal losses (within 0.2% here) by two routes that round differently, over 24 steps; spread evenly,
-    # with no rise at the tiles' borders (4.4 measured on this engine, with its ceil-mode pooling).
-    assert np.abs(tiled - whole).mean() < 5
-    difference = np.abs(tiled - whole).mean(axis=2)
-    assert difference.max() < 64
+    # Tiles are no further from the whole picture than rounding alone takes it (untrained features, 24 steps:
+    # 11 of 255 against 21 measured), and nowhere far.
+    assert np.abs(tiled - whole).mean() < np.abs(other - whole).mean()
+    assert np.abs(tiled - whole).mean(axis=2).max() < 64
 
 
 def test_closing_a_tiled_run_stops_it_at_once():

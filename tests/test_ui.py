@@ -78,7 +78,7 @@ def test_a_run_streams_several_pictures_then_the_final_png(client, photo, art, m
 
 def test_bigger_makes_a_result_bigger_from_itself(client, photo, art):
     """/bigger: the result PNG is the start; the size given, or twice the result's; the PNG says where it came
-    from; the bigger picture, shrunk, is the result it was made from."""
+    from. (How close the bigger picture stays to the result: test_cli and test_tiles, with steps enough to tell.)"""
     *_, small_png = client.predict(content=photo, style=art, preset="draft", api_name="/stylize")
     small = Image.open(small_png)
     assert small.size == (64, 48)
@@ -90,8 +90,7 @@ def test_bigger_makes_a_result_bigger_from_itself(client, photo, art):
     with Image.open(download) as png:
         assert png.size == (128, 96)  # twice the result's: no size above it was given
         assert json.loads(png.text["stylize:bigger_from"])["size"] == [64, 48]
-        shrunk = np.asarray(png.convert("RGB").resize(small.size, Image.Resampling.BOX), np.float64)
-    assert np.abs(shrunk - np.asarray(small.convert("RGB"), np.float64)).mean() < 12  # of 255
+
     *_, sized = client.predict(
         result=handle_file(small_png), content=photo, style=art, preset="draft", size=96, api_name="/bigger"
     )
