@@ -53,9 +53,10 @@ def seam_ratio(picture: np.ndarray, scale: Scale, sweep: int) -> float:
 
 
 def seam_sheet(whole: Image.Image, tiled: Image.Image, scale: Scale, sweep: int) -> Image.Image:
-    """A 256 px crop around the first tile corner of the last sweep, whole beside tiled, at twice the size."""
+    """A 256 px crop across the first tile corner of the last sweep, whole beside tiled, at twice the size (the
+    crop kept inside the picture: the moving grid's first corner may lie near its edge)."""
     rows, columns = scale.grid(sweep)[0]
-    y, x = min(rows.stop, tiled.height - 128), min(columns.stop, tiled.width - 128)
+    y, x = (min(max(edge, 128), side - 128) for edge, side in ((rows.stop, tiled.height), (columns.stop, tiled.width)))
     crops = [
         p.crop((x - 128, y - 128, x + 128, y + 128)).resize((512, 512), Image.Resampling.NEAREST)
         for p in (whole, tiled)

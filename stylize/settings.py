@@ -33,13 +33,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # runs it. On a 2-core CPU "standard" costs about 71 bare steps (bench/README.md, issue 18).
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {
-        "draft": {"size": 256, "steps": 50},
+        "draft": {"size": 256, "steps": 56},
         "standard": {"size": 512, "steps": 145},
-        "fine": {"size": 768, "steps": 190},
+        "fine": {"size": 768, "steps": 260},
     },
     "gpu": {
         "draft": {"size": 512, "steps": 145},
-        "standard": {"size": 768, "steps": 190},
+        "standard": {"size": 768, "steps": 260},
         "fine": {"size": 1024, "steps": 300},
     },
 }
