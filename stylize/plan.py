@@ -29,7 +29,9 @@ MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
 # at an 8th of the side), and the previews' and the next scale's copies.
 BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
 PICTURE_BYTES_PER_PIXEL = 160
-TILE_BYTES = 4 * 2**30  # auto tiles: the most one tile's working memory takes, whatever is free (bench/README.md)
+# Auto tiles: the most working memory what is optimized at once (a whole scale or one tile) takes, whatever is
+# free, so a print's peak stays within a few GB (bench/README.md).
+TILE_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -140,18 +142,22 @@ def peak_bytes(scale: Scale, precision: str) -> int:
 
 
 def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
-    """The scales with tiles where one would not fit in the device's free memory whole (unless `tile_size` says
-    never): tiles whose working memory stays within TILE_BYTES, not all that is free. A size that does not fit
-    even so is refused now rather than killed half-way."""
+    """The scales with tiles where one whole would take more working memory than TILE_BYTES, or more than the
+    device has free: tiles whose working memory stays within both. Where `tile_size` says never, a scale is made
+    whole if it fits in free memory. A size that does not fit even so is refused now rather than killed half-way."""
     free = free_memory(device)
+    never = settings.tile_size == 0
 
     def fitted(scale: Scale) -> Scale:
         width, height = scale.size
-        if scale.tile or free is None or peak_bytes(scale, precision) <= free:
+        if scale.tile or free is None:
             return scale
-        budget = min(TILE_BYTES, free - PICTURE_BYTES_PER_PIXEL * width * height)
+        room = free - PICTURE_BYTES_PER_PIXEL * width * height  # beside the picture's state
+        budget = room if never else min(TILE_BYTES, room)
+        if BYTES_PER_PIXEL[precision] * width * height <= budget:
+            return scale
         side = math.isqrt(max(0, budget) // BYTES_PER_PIXEL[precision]) // CELL * CELL
-        if settings.tile_size == 0 or side < MIN_TILE_SIZE:
+        if never or side < MIN_TILE_SIZE:
             raise SettingsError(
                 f"A {width}x{height} picture needs about {peak_bytes(scale, precision) / 2**30:.1f} GB "
                 f"of memory and {free / 2**30:.1f} GB is free on this {device.type.upper()}; "

@@ -148,8 +148,8 @@ class Settings:
         low=-1,
         high=8192,
         label="Tile size (px)",
-        help="Optimize the largest scales in tiles of this many px: -1 only where the whole "
-        "picture would not fit in memory, 0 never.",
+        help="Optimize the largest scales in tiles of this many px: -1 where the whole picture would take "
+        "more than a few GB of memory, 0 never.",
     )
 
     def __post_init__(self) -> None:

@@ -59,8 +59,14 @@ def test_only_what_does_not_fit_is_tiled(monkeypatch):
     scales = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16")
     assert scales[0].tile == 0 and scales[-1].tile >= 512  # small scales whole, the largest in tiles
     assert all(scale.tile == 0 or scale.tile < max(scale.size) for scale in scales)
+    # However much is free, a scale whole past TILE_BYTES is tiled (a print's peak stays within a few GB) ...
     monkeypatch.setattr("stylize.plan.free_memory", lambda device: 64 * 2**30)
-    assert all(scale.tile == 0 for scale in fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16"))
+    scales = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "bf16")
+    assert [scale.tile == 0 for scale in scales] == [3200 * w * h <= TILE_BYTES for w, h in (s.size for s in scales)]
+    assert scales[-1].tile and peak_bytes(scales[-1], "bf16") <= PICTURE_BYTES_PER_PIXEL * 2048 * 1536 + TILE_BYTES
+    # ... unless tiles are forbidden, where what fits in free memory is made whole.
+    never = Settings(size=2048, steps=100, tile_size=0)
+    assert all(scale.tile == 0 for scale in fit_in_memory(plan((4000, 3000), never), never, CPU, "bf16"))
 
 
 def test_the_memory_model_counts_the_picture_and_auto_tiles_keep_within_the_budget(monkeypatch):
