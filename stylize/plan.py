@@ -129,9 +129,11 @@ def work_done(scales: list[Scale]) -> list[int]:
 
 def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0) -> int:
     """The total work of a transfer of a `content_size` photo (see work_done; `above` as for plan), known before
-    it starts: tiles that `tile_size` asks for counted with their margins, those that memory may call for left
-    out (a server's memory is not known before its device is)."""
-    return work_done(plan(content_size, settings, above=above))[-1]
+    it starts: tiles counted with their margins, both those `tile_size` asks for and those auto tiles add past
+    TILE_BYTES (in float32's bytes where the precision is auto). Tiles that a device's free memory may call for
+    are left out: a server's memory is not known before its device is."""
+    precision = "fp32" if settings.precision == "auto" else settings.precision
+    return work_done(fit_in_memory(plan(content_size, settings, above=above), settings, None, precision))[-1]
 
 
 def peak_bytes(scale: Scale, precision: str) -> int:
@@ -141,19 +143,20 @@ def peak_bytes(scale: Scale, precision: str) -> int:
     return PICTURE_BYTES_PER_PIXEL * width * height + BYTES_PER_PIXEL[precision] * at_once
 
 
-def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device, precision: str) -> list[Scale]:
+def fit_in_memory(scales: list[Scale], settings: Settings, device: torch.device | None, precision: str) -> list[Scale]:
     """The scales with tiles where one whole would take more working memory than TILE_BYTES, or more than the
-    device has free: tiles whose working memory stays within both. Where `tile_size` says never, a scale is made
-    whole if it fits in free memory. A size that does not fit even so is refused now rather than killed half-way."""
-    free = free_memory(device)
+    device has free (where there is a device and its free memory is known): tiles whose working memory stays within
+    both. Where `tile_size` says never, a scale is made whole if it fits in free memory. A size that does not fit
+    even so is refused now rather than killed half-way."""
+    free = None if device is None else free_memory(device)
     never = settings.tile_size == 0
 
     def fitted(scale: Scale) -> Scale:
         width, height = scale.size
-        if scale.tile or free is None:
+        if scale.tile or (never and free is None):
             return scale
-        room = free - PICTURE_BYTES_PER_PIXEL * width * height  # beside the picture's state
-        budget = room if never else min(TILE_BYTES, room)
+        room = None if free is None else free - PICTURE_BYTES_PER_PIXEL * width * height  # beside the picture's state
+        budget = room if never else TILE_BYTES if room is None else min(TILE_BYTES, room)
         if BYTES_PER_PIXEL[precision] * width * height <= budget:
             return scale
         side = math.isqrt(max(0, budget) // BYTES_PER_PIXEL[precision]) // CELL * CELL

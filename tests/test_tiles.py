@@ -103,6 +103,16 @@ def test_a_tiled_steps_work_counts_the_margins_and_the_statistics_pass():
     assert job_work((1024, 768), tiled) == work_done(plan((1024, 768), tiled))[-1] > job_work((1024, 768), settings)
 
 
+def test_the_job_clock_counts_the_tiles_that_auto_tiles_add(monkeypatch):
+    """A print's largest scales are tiled at run time past TILE_BYTES, however much is free; the work a job is
+    priced by counts those tiles before any device is known."""
+    settings = Settings(size=2048, steps=40)
+    monkeypatch.setattr("stylize.plan.free_memory", lambda device: 64 * 2**30)
+    run = fit_in_memory(plan((4000, 3000), settings), settings, CPU, "fp32")
+    assert run[-1].tile  # the run tiles its largest scale ...
+    assert job_work((4000, 3000), settings) == work_done(run)[-1] > work_done(plan((4000, 3000), settings))[-1]
+
+
 def test_statistics_taken_in_pieces_are_those_of_the_whole():
     settings = Settings()
     vgg = feature_extractor(settings.layers, "untrained", "cpu")
