@@ -41,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
         prog=program(),
         description="Repaint a photo in the style of one or more artworks (neural style transfer on VGG19).",
     )
-    p.add_argument("content", nargs="?", help="the photo to repaint")
+    p.add_argument("content", nargs="?", help="the photo to repaint, or a video clip (MP4, WebM, MOV)")
     p.add_argument("styles", nargs="*", metavar="style", help="one or more style images")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG (default: out.png)")
+    p.add_argument("-o", "--output", help="output PNG, or MP4 for a clip (default: out.png, out.mp4)")
     p.add_argument(
         "--from",
         dest="from_png",
@@ -131,9 +131,14 @@ def run(args: argparse.Namespace) -> None:
     if recorded:
         _say_if_costly(settings, args.from_png)
 
-    output = Path(args.output)
+    clip = _is_clip(content_path)
+    output = Path(args.output or ("out.mp4" if clip else "out.png"))
     if not output.parent.is_dir():
         raise SettingsError(f"The output folder {output.parent} does not exist.")
+    if clip:
+        if mask_path or args.bigger or init not in INITS:
+            raise SettingsError("A clip takes no --mask, --init image or --bigger (those are for pictures).")
+        return _run_clip(content_path, style_paths, settings, output)
     from tqdm import tqdm
 
     from .engine import transfer  # torch: seconds to import, so only once the arguments hold
@@ -169,6 +174,49 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"wrote {output} ({picture.width}x{picture.height}, {progress.elapsed:.1f} s, weights: {progress.weights}, "
         f"{progress.device} {progress.precision})"
+    )
+
+
+def _is_clip(path: str) -> bool:
+    """Whether the content is a video, by its first bytes (whatever its name)."""
+    from .video import looks_like_clip
+
+    try:
+        return looks_like_clip(path)
+    except OSError:
+        return False  # load_image says what is wrong with the file
+
+
+def _run_clip(clip_path: str, style_paths: list[str], settings: Settings, output: Path) -> None:
+    """Stylize a clip into an MP4 with its sound, a progress bar over its frames."""
+    from tqdm import tqdm
+
+    from .engine import transfer_clip
+    from .images import load_image
+    from .vgg import UntrainedWeightsWarning
+    from .video import ClipWriter, probe, read_frames
+
+    clip = probe(clip_path)  # the container's header, checked before a frame is decoded
+    styles = [load_image(path, f"style image {path}") for path in style_paths]
+    frames = read_frames(clip)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", UntrainedWeightsWarning)
+        stream = transfer_clip(frames, styles, settings, count=clip.frames)
+    for warning in warned:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    with ClipWriter(output, clip.rate, audio_from=clip) as writer, tqdm(total=clip.frames, unit="frame") as bar:
+        try:
+            for progress in stream:
+                bar.set_postfix(step=f"{progress.step}/{progress.total}", loss=f"{progress.losses['total']:.4g}")
+                if progress.final:
+                    writer.add(progress.image())
+                    bar.update(1)
+        finally:  # Ctrl+C keeps the frames made so far, as a shorter clip
+            stream.close()
+            frames.close()
+    print(
+        f"wrote {output} ({writer.frames} frames, {progress.size[0]}x{progress.size[1]}, {progress.elapsed:.1f} s, "
+        f"weights: {progress.weights}, {progress.device} {progress.precision})"
     )
 
 

@@ -12,18 +12,20 @@ above its size are made.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
-from . import images, tiles
+from . import images, tiles, video
 from .device import pick_device, pick_precision
 from .losses import (
     BALANCES,
@@ -59,8 +61,10 @@ class Progress:
     note: str  # a warning for the user ("" when there is none), e.g. untrained weights
     tile: int  # 1-based index of the tile last optimized at a tiled scale; 0 where the scale is whole
     tiles: int  # tiles per sweep at the current scale; 0 where the scale is whole
-    final: bool
+    final: bool  # the picture is finished (in a clip: this frame is)
     pixels: torch.Tensor = field(repr=False)  # (1, 3, H, W) in [0, 1], on the engine's device
+    frame: int = 0  # 1-based frame of a clip; 0 for a picture
+    frames: int = 0  # frames in the clip; 0 for a picture
 
     def image(self, max_side: int | None = None) -> Image.Image:
         """The picture; no longer than `max_side` on its long side, where given (previews of big pictures)."""
@@ -88,95 +92,195 @@ def transfer(
     `schedule` is the engine's own (benches compare others).
     Bad settings raise here, before the first record; closing the generator stops the work at once.
     """
-    settings = settings.with_weights_from_env()
-    styles = [style] if isinstance(style, Image.Image) else list(style)
-    blend = settings.style_weights or (1.0,) * len(styles)
-    if not styles or len(blend) != len(styles):
-        raise SettingsError(f"Give one style weight per style image: {len(styles)} image(s), {len(blend)} weight(s).")
-    if sum(blend) <= 0:
-        raise SettingsError("At least one style weight must be above zero.")
-    device = pick_device(settings.device)
-    precision = pick_precision(settings.precision, device)
     above = 0 if bigger_from is None else max(bigger_from.size)
-    scales = fit_in_memory(plan(content.size, settings, schedule, above=above), settings, device, precision)
-    weights = resolve_weights(settings.weights)
-    style_layer_weights(settings, BALANCES[weights.kind])  # raises now for layers the balance has no weight for
-    if weights.untrained:  # said now, before the work: a run can take minutes
-        warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=2)
+    job = _Job.of(content.size, style, settings, schedule, above)
     # Everything above raises now, at the call; the work itself starts at the first next().
-    start = bigger_from or init_image
-    return _optimize(content, styles, blend, mask, start, settings, schedule, scales, device, weights, precision)
+    return _optimize(content, mask, bigger_from or init_image, job, schedule)
+
+
+def transfer_clip(
+    frames: Iterable[Image.Image],
+    style: Image.Image | Sequence[Image.Image],
+    settings: Settings,
+    *,
+    count: int | None = None,
+    schedule: Schedule = SCHEDULE,
+) -> Iterator[Progress]:
+    """Stylize a clip's `frames` (all of one size) without flicker; yields each frame's previews, then that frame
+    finished (`final`), frame after frame. Records say which frame they are of how many (`frame`, `frames`).
+
+    The first frame is made as a picture is; each later one starts from the previous result moved along the
+    optical flow between the two input frames, and is refined at full size with `settings.later_frames` of the
+    first frame's work and a temporal loss (`settings.temporal_weight`) that keeps it close to that start where
+    the flow is reliable (Ruder, Dosovitskiy and Brox 2016). The style's statistics are computed once per clip.
+    `count` is how many frames there are (default: `len(frames)`); no more are taken.
+    Bad settings raise here, before the first record; closing the generator stops the work at once.
+    """
+    count = len(frames) if count is None else count  # type: ignore[arg-type]
+    frames = iter(frames)
+    first = next(frames, None) if count > 0 else None
+    if first is None:
+        raise SettingsError("The clip has no frames.")
+    job = _Job.of(first.size, style, settings, schedule)
+    return _optimize_clip(first, itertools.islice(frames, count - 1), count, job, schedule)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a transfer runs with, checked before any work: bad settings raise in `of`."""
+
+    settings: Settings
+    styles: list[Image.Image]
+    blend: Sequence[float]
+    scales: list[Scale]
+    device: torch.device
+    precision: str
+    weights: Weights
+
+    @classmethod
+    def of(
+        cls,
+        content_size: tuple[int, int],
+        style: Image.Image | Sequence[Image.Image],
+        settings: Settings,
+        schedule: Schedule,
+        above: int = 0,
+    ) -> _Job:
+        settings = settings.with_weights_from_env()
+        styles = [style] if isinstance(style, Image.Image) else list(style)
+        blend = settings.style_weights or (1.0,) * len(styles)
+        if not styles or len(blend) != len(styles):
+            raise SettingsError(
+                f"Give one style weight per style image: {len(styles)} image(s), {len(blend)} weight(s)."
+            )
+        if sum(blend) <= 0:
+            raise SettingsError("At least one style weight must be above zero.")
+        device = pick_device(settings.device)
+        precision = pick_precision(settings.precision, device)
+        scales = fit_in_memory(plan(content_size, settings, schedule, above=above), settings, device, precision)
+        weights = resolve_weights(settings.weights)
+        style_layer_weights(settings, BALANCES[weights.kind])  # raises now for layers the balance has no weight for
+        if weights.untrained:  # said now, before the work: a run can take minutes
+            warnings.warn(weights.note, UntrainedWeightsWarning, stacklevel=3)
+        return cls(settings, styles, blend, scales, device, precision, weights)
+
+    def objective(self) -> Objective:
+        vgg = feature_extractor(self.settings.layers, self.settings.weights, str(self.device), self.precision)
+        return Objective(vgg, self.settings, BALANCES[self.weights.kind], self.precision)
+
+    def recorder(
+        self,
+        started: float,
+        scales: list[Scale],
+        work: list[int],
+        frame: int = 0,
+        frames: int = 0,
+        share: tuple = (0, 1),
+    ) -> Callable[..., Progress]:
+        """A maker of Progress records for one picture (or one frame of a clip, whose work is the `share` of the
+        clip's from share[0] to share[0] + share[1])."""
+
+        def record(*, done: float, **fields: Any) -> Progress:
+            return Progress(
+                total=len(work),
+                scales=len(scales),
+                elapsed=time.perf_counter() - started,
+                done=share[0] + share[1] * done,
+                weights=self.weights.kind,
+                device=str(self.device),
+                precision=self.precision,
+                note=self.weights.note,
+                frame=frame,
+                frames=frames,
+                **fields,
+            )
+
+        return record
 
 
 def _optimize(
-    content: Image.Image,
-    styles: list[Image.Image],
-    blend: Sequence[float],
-    mask: Image.Image | None,
-    init_image: Image.Image | None,
-    settings: Settings,
-    schedule: Schedule,
-    scales: list[Scale],
-    device: torch.device,
-    weights: Weights,
-    precision: str,
+    content: Image.Image, mask: Image.Image | None, init_image: Image.Image | None, job: _Job, schedule: Schedule
 ) -> Iterator[Progress]:
-    """The work of `transfer`: each scale's steps in turn (`_scale_steps`), from the start image (`_start_image`),
-    then the final picture."""
-    vgg = feature_extractor(settings.layers, settings.weights, str(device), precision)
-    objective = Objective(vgg, settings, BALANCES[weights.kind], precision)
-    full = scales[-1].size
-    photo = _Photo.of(content, mask, settings, full, device)
-    style_side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))
-    style_tensors = [images.to_tensor(s, images.fit(s.size, style_side)).to(device) for s in styles]
-    if settings.preserve_colors == "histogram":
-        style_tensors = [images.match_colors(s, photo.colours) for s in style_tensors]
-    elif settings.preserve_colors == "luminance":
-        style_tensors = [images.match_luminance(s, photo.colours) for s in style_tensors]
-    x = _start_image(init_image, photo.target, settings, scales[0].size, device)
-
-    started = time.perf_counter()
+    """The work of `transfer`: each scale's steps in turn (`_Run.scales_steps`), from the start image
+    (`_start_image`), then the final picture."""
+    settings, scales = job.settings, job.scales
+    objective = job.objective()
+    photo = _Photo.of(content, mask, settings, scales[-1].size, job.device)
+    styles = _Styles(objective, job, photo.colours)
+    x = _start_image(init_image, photo.target, settings, scales[0].size, job.device)
     work = work_done(scales)
-
-    def record(**fields: Any) -> Progress:
-        return Progress(
-            total=len(work),
-            scales=len(scales),
-            elapsed=time.perf_counter() - started,
-            weights=weights.kind,
-            device=str(device),
-            precision=precision,
-            note=weights.note,
-            **fields,
-        )
-
-    run = _Run(objective, photo, schedule, settings.optimizer, work, _Throttle(), record)
-    step = 0
+    run = _Run(
+        objective,
+        photo,
+        schedule,
+        settings.optimizer,
+        work,
+        _Throttle(),
+        job.recorder(time.perf_counter(), scales, work),
+    )
     try:
-        for index, scale in enumerate(scales, start=1):
-            objective.aim_style(_style_targets(vgg, style_tensors, blend, objective.layer_weights, scale, settings))
-            x = yield from run.scale_steps(x, scale, index, step)
-            step += scale.steps
-        yield record(
-            step=step,
-            scale=len(scales),
-            size=full,
-            done=1.0,
-            losses=objective.last_losses(),
-            tile=0,
-            tiles=0,
-            final=True,
-            pixels=photo.shown(x),
-        )
+        with _memory_refused(job.device, run):
+            x = yield from run.scales_steps(x, scales, styles)
+        yield run.final(x, scales)
+    finally:
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _optimize_clip(
+    first: Image.Image, rest: Iterator[Image.Image], count: int, job: _Job, schedule: Schedule
+) -> Iterator[Progress]:
+    """The work of `transfer_clip`: the first frame as a picture, each later one from the previous result warped
+    along the flow, with the temporal loss."""
+    settings, full = job.settings, job.scales[-1].size
+    objective = job.objective()
+    photo = _Photo.of(first, None, settings, full, job.device)
+    styles = _Styles(objective, job, photo.colours)  # the first frame's colours recolour the style, once
+    later = _later_frame_scales(job.scales, settings)
+    first_work, later_work = work_done(job.scales)[-1], work_done(later)[-1]
+    clip_work = first_work + (count - 1) * later_work
+    started, throttle = time.perf_counter(), _Throttle()
+    x = _start_image(None, photo.target, settings, job.scales[0].size, job.device)
+    try:
+        for number, frame in enumerate(itertools.chain([first], rest), start=1):
+            scales = job.scales if number == 1 else later
+            if number > 1:
+                previous, photo = photo, _Photo.of(frame, None, settings, full, job.device)
+                flow, reliable = video.temporal_guide(previous.colours, photo.colours)
+                x = video.warp(x, flow)
+                objective.aim_temporal(x, reliable)
+            work = work_done(scales)
+            before = first_work + (number - 2) * later_work if number > 1 else 0
+            record = job.recorder(started, scales, work, number, count, (before / clip_work, work[-1] / clip_work))
+            run = _Run(objective, photo, schedule, settings.optimizer, work, throttle, record)
+            with _memory_refused(job.device, run):
+                x = yield from run.scales_steps(x, scales, styles)
+            yield run.final(x, scales)
+    finally:
+        if job.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _later_frame_scales(scales: list[Scale], settings: Settings) -> list[Scale]:
+    """A later frame of a clip: one scale at full size, whose steps cost `settings.later_frames` of the first
+    frame's work (it starts from the previous result, which has the style already)."""
+    full = scales[-1]
+    steps = max(1, round(settings.later_frames * work_done(scales)[-1] / full.step_cost(1)))
+    return [replace(full, steps=steps)]
+
+
+@contextlib.contextmanager
+def _memory_refused(device: torch.device, run: _Run) -> Iterator[None]:
+    """Running out of memory becomes a SettingsError that says the size it happened at."""
+    try:
+        yield
     except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "allocate memory" not in str(error):
             raise
+        width, height = run.size
         raise SettingsError(
-            f"Ran out of {device.type.upper()} memory at {scale.size[0]}x{scale.size[1]} pixels; choose a smaller size."
+            f"Ran out of {device.type.upper()} memory at {width}x{height} pixels; choose a smaller size."
         ) from None
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -255,6 +359,31 @@ class _Run:
     work: list[int]  # work done after each step (work_done)
     throttle: _Throttle
     record: Callable[..., Progress]
+    size: tuple[int, int] = (0, 0)  # of the scale being made, for a message
+
+    def scales_steps(
+        self, x: torch.Tensor, scales: list[Scale], styles: _Styles
+    ) -> Generator[Progress, None, torch.Tensor]:
+        """Every scale's steps in turn, from `x`; returns the picture at the end."""
+        step = 0
+        for index, scale in enumerate(scales, start=1):
+            self.objective.aim_style(styles.at(scale))
+            x = yield from self.scale_steps(x, scale, index, step)
+            step += scale.steps
+        return x
+
+    def final(self, x: torch.Tensor, scales: list[Scale]) -> Progress:
+        return self.record(
+            step=len(self.work),
+            scale=len(scales),
+            size=scales[-1].size,
+            done=1.0,
+            losses=self.objective.last_losses(),
+            tile=0,
+            tiles=0,
+            final=True,
+            pixels=self.photo.shown(x),
+        )
 
     def scale_steps(
         self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
@@ -262,6 +391,7 @@ class _Run:
         """One scale's steps from `x` (the picture so far), whole or tile by tile, yielding previews when due;
         returns the picture at the end of the scale. At a tiled scale each step is a sweep over the tiles."""
         work, objective = self.work, self.objective
+        self.size = scale.size
         region = None if self.photo.region is None else images.resize(self.photo.region, scale.size)
         objective.aim(images.resize(self.photo.target, scale.size), region, scale.tile)
         start = images.resize(x, scale.size)
@@ -322,6 +452,31 @@ class _Lbfgs:
         with torch.no_grad():
             self.x.clamp_(0, 1)
             tiles.average_into(self.average, self.x, self.steps, self.average_decay)
+
+
+class _Styles:
+    """The style images as the optimization sees them, and their statistics at each scale's size, computed once
+    for each size (a clip's later frames share the first frame's last)."""
+
+    def __init__(self, objective: Objective, job: _Job, colours: torch.Tensor):
+        settings = job.settings
+        side = min(STYLE_MAX_SIDE, round(settings.style_scale * settings.size))
+        self.tensors = [images.to_tensor(s, images.fit(s.size, side)).to(job.device) for s in job.styles]
+        if settings.preserve_colors == "histogram":
+            self.tensors = [images.match_colors(s, colours) for s in self.tensors]
+        elif settings.preserve_colors == "luminance":
+            self.tensors = [images.match_luminance(s, colours) for s in self.tensors]
+        self.objective, self.blend, self.settings = objective, job.blend, settings
+        self.targets: dict[tuple[tuple[int, int], int], dict[str, StyleTarget]] = {}
+
+    def at(self, scale: Scale) -> dict[str, StyleTarget]:
+        key = (scale.size, scale.tile)
+        if key not in self.targets:
+            objective = self.objective
+            self.targets[key] = _style_targets(
+                objective.vgg, self.tensors, self.blend, objective.layer_weights, scale, self.settings
+            )
+        return self.targets[key]
 
 
 def _style_targets(

@@ -28,6 +28,7 @@ class Balance:
     content: float
     style_layers: dict[str, float]  # sums to 1
     tv: float
+    temporal: float  # a clip's later frames: the squared difference to the warped previous one (see TEMPORAL)
 
 
 def _normalised(weights: dict[str, float]) -> dict[str, float]:
@@ -35,9 +36,14 @@ def _normalised(weights: dict[str, float]) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
+# A clip's temporal loss is measured in units of the frame's objective at its first step (objective.py), so one
+# weight gives the same look with every kind of features: 100 makes a mean squared difference of 0.01 (an RMS of
+# 0.1 on pixels in [0, 1]) cost as much as the whole objective did at the start of the frame.
+TEMPORAL = 100.0
 REFERENCE = Balance(
     content=0.015,
     tv=2.0,
+    temporal=TEMPORAL,
     style_layers=_normalised({"relu1_1": 256, "relu2_1": 64, "relu3_1": 16, "relu4_1": 4, "relu5_1": 1}),
 )
 BALANCES = {
@@ -47,7 +53,7 @@ BALANCES = {
     # Untrained features: tuned here by looking (bench/contact_sheet.py and bench/README.md) for the most texture
     # that keeps the photo readable. Their activations, and so the style and content terms, are some hundred
     # times smaller than trained ones, while total variation is measured on the picture itself.
-    "untrained": Balance(content=4.0, tv=0.02, style_layers=REFERENCE.style_layers),
+    "untrained": Balance(content=4.0, tv=0.02, temporal=TEMPORAL, style_layers=REFERENCE.style_layers),
 }
 
 

@@ -43,6 +43,20 @@ class Objective:
         # float16 gradients would underflow: its network sees the loss summed over pixels instead of averaged.
         self.gradient_scale = (lambda x: x.numel()) if precision == "fp16" else (lambda x: 1)
         self.losses: dict[str, torch.Tensor] = {}
+        self.warped: torch.Tensor | None = None  # a clip's previous frame moved onto this one (aim_temporal)
+
+    def aim_temporal(self, warped: torch.Tensor, reliable: torch.Tensor) -> None:
+        """A clip's later frame: keep the picture close to `warped` (the previous result moved along the flow)
+        where `reliable` (1 channel, 0 or 1) says the flow is."""
+        self.warped, self.reliable = warped.detach(), reliable
+
+    def _temporal_sum(self, x: torch.Tensor, rows: slice, columns: slice) -> torch.Tensor:
+        """The temporal loss's sum of squares over the part `rows` x `columns` of the picture that `x` is."""
+        difference = x - self.warped[..., rows, columns]
+        return (self.reliable[..., rows, columns] * difference.square()).sum()
+
+    def _temporal_weight(self) -> torch.Tensor:
+        return self.balance.temporal * self.settings.temporal_weight * self.unit
 
     def aim_style(self, targets: dict[str, StyleTarget]) -> None:
         self.style_targets = targets
@@ -83,6 +97,8 @@ class Objective:
             ),
             "tv": tv_loss(image),
         }
+        if self.warped is not None:
+            losses["temporal"] = self._temporal_sum(x, slice(None), slice(None)) / x.numel()
         total = self._total(losses)
         scale = self.gradient_scale(x)
         (total / self.unit * scale).backward()
@@ -102,6 +118,8 @@ class Objective:
         # Adam's epsilon are absolute, and the losses of different weights differ in size by orders of magnitude.
         if self.unit is None:
             self.unit = total.detach().clamp_min(1e-12)
+        if "temporal" in losses:  # in those units too (losses.TEMPORAL)
+            total = total + self._temporal_weight() * losses["temporal"]
         self.losses = {"total": total.detach(), **{k: v.detach() for k, v in losses.items()}}
         return total
 
@@ -123,7 +141,10 @@ class Objective:
             tv += tiles.tv_sum(past, slice(0, rows.stop - rows.start), slice(0, columns.stop - columns.start))
         self.whole_style = tiles.WholeStyle.of(sums, self.style_targets, self.layer_weights)
         content_mean, tv_mean = content / self.content_target.numel(), tv / x.numel()
-        self._total({"content": content_mean, "style": self.whole_style.loss, "tv": tv_mean})
+        losses = {"content": content_mean, "style": self.whole_style.loss, "tv": tv_mean}
+        if self.warped is not None:
+            losses["temporal"] = self._temporal_sum(x, slice(None), slice(None)) / x.numel()
+        self._total(losses)
 
     def gradient(self, x: torch.Tensor, rows: slice, columns: slice) -> torch.Tensor:
         """The gradient of the whole picture's loss on the core `rows` x `columns`: at a whole scale from the loss
@@ -152,6 +173,9 @@ class Objective:
             + s.style_strength * self.whole_style.surrogate(features, masks, self.layer_weights)
             + self.balance.tv * s.smoothing * tv
         )
+        if self.warped is not None:  # a sum over pixels: the tile's part of the whole's, exactly
+            temporal = self._temporal_sum(leaf, seen_rows, seen_columns) / x.numel()
+            total = total + self._temporal_weight() * temporal
         scale = self.gradient_scale(x)
         (total / self.unit * scale).backward()
         core = leaf.grad[

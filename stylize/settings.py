@@ -152,6 +152,23 @@ class Settings:
         "more than a few GB of memory, 0 never.",
     )
 
+    temporal_weight: float = _knob(
+        1.0,
+        low=0.0,
+        high=100.0,
+        label="Temporal weight",
+        help="Clips: how strongly each frame keeps to the previous one moved along the motion (less flicker); "
+        "0 makes each frame on its own.",
+    )
+    later_frames: float = _knob(
+        0.25,
+        low=0.02,
+        high=1.0,
+        label="Later frames' work",
+        help="Clips: each frame after the first is refined from the previous one with this share of the first "
+        "frame's work.",
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = _checked(f.name, f.type, getattr(self, f.name), f.metadata)

@@ -60,15 +60,19 @@ class Clip:
     audio: bool  # whether it has a sound track to carry over
 
 
+# The first bytes of the containers read here: MP4/MOV (a box type after the box size), Matroska/WebM, AVI.
+CLIP_SIGNATURES = (
+    lambda head: head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"),
+    lambda head: head[:4] == b"\x1a\x45\xdf\xa3",
+    lambda head: head[:4] == b"RIFF" and head[8:12] == b"AVI ",
+)
+
+
 def looks_like_clip(path: str | os.PathLike) -> bool:
-    """Whether the file's first bytes are those of an MP4/MOV, Matroska/WebM or AVI container (not its name)."""
+    """Whether the file's first bytes are those of a container read here (not its name)."""
     with open(path, "rb") as file:
         head = file.read(12)
-    return (
-        head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
-        or head[:4] == b"\x1a\x45\xdf\xa3"
-        or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
-    )
+    return any(signature(head) for signature in CLIP_SIGNATURES)
 
 
 def probe(path: str | os.PathLike, what: str = "clip") -> Clip:
