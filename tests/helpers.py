@@ -268,3 +268,47 @@ TEST_PRESETS = {
     "standard": {"size": 128, "steps": 20},
     "fine": {"size": 128, "steps": 5000},
 }
+
+
+# --- clips ------------------------------------------------------------------------------------------------------
+
+
+def texture(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random texture (H, W, 3) uint8: features for optical flow to follow everywhere."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def pan(frames: int = 5, size: tuple[int, int] = (80, 64), shift: int = 3) -> list[Image.Image]:
+    """A camera panning right across a texture: the content moves `shift` px left each frame."""
+    width, height = size
+    scene = texture(width + shift * frames, height)
+    return [Image.fromarray(np.ascontiguousarray(scene[:, k * shift : k * shift + width])) for k in range(frames)]
+
+
+def write_clip(
+    path: Path, pictures: list[Image.Image], rate: int = 12, audio: bool = False, streams: int = 1, **options: Any
+) -> Path:
+    """An H.264 clip of `pictures` (`streams` copies of the video track), with a sine tone where `audio`."""
+    import av
+
+    with av.open(str(path), "w", **options) as container:
+        tracks = [container.add_stream("libx264", rate=rate) for _ in range(streams)]
+        for track in tracks:
+            track.width, track.height, track.pix_fmt = *pictures[0].size, "yuv420p"
+        sound = container.add_stream("aac", rate=8000) if audio else None
+        for picture in pictures:
+            for track in tracks:
+                container.mux(track.encode(av.VideoFrame.from_image(picture)))
+        for track in tracks:
+            container.mux(track.encode(None))
+        if sound is not None:
+            t = np.arange(8000 * len(pictures) // rate) / 8000
+            frame = av.AudioFrame.from_ndarray(
+                (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], format="flt", layout="mono"
+            )
+            frame.sample_rate = 8000
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode(None))
+    return path
