@@ -28,6 +28,8 @@ FLAGS = {
     "device": "device",
     "precision": "precision",
     "tile_size": "tile_size",
+    "temporal_weight": "temporal_weight",
+    "later_frames": "later_frames",
 }
 
 
