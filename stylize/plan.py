@@ -30,8 +30,9 @@ MIN_SHORT_SIDE = 32  # below this, VGG19's deep layers see less than two pixels
 BYTES_PER_PIXEL = {"fp32": 3500, "bf16": 3200, "fp16": 3200}
 PICTURE_BYTES_PER_PIXEL = 160
 # Auto tiles: the most working memory what is optimized at once (a whole scale or one tile) takes, whatever is
-# free, so a print's peak stays within a few GB (bench/README.md).
-TILE_BYTES = 4 * 2**30
+# free, so a print's peak stays within a few GB (bench/README.md: a 4096 px picture peaked at 5.4 GiB with 3 GiB,
+# 6.5 with 4, in the same time).
+TILE_BYTES = 3 * 2**30
 
 
 @dataclass(frozen=True)
