@@ -1,7 +1,7 @@
 """Clips without flicker (issue 23's targets): consistent frames against frames made alone, per-frame quality, time.
 
 - Flicker: the mean |difference| (0-1) between consecutive output frames once the earlier is moved along the
-  input's optical flow, over the pixels where the flow is reliable (video.flicker), for the clip made by
+  input's optical flow, over the pixels where the flow is reliable (flow.flicker), for the clip made by
   engine.transfer_clip against frames each made alone by transfer() at the same per-frame budget (the steps
   whose work is the clip's work per frame).
 - Per-frame quality: a few frames of the clip scored with the picture objective (common.score) against the same
@@ -27,9 +27,9 @@ from PIL import Image
 
 from stylize import Settings, transfer
 from stylize.engine import transfer_clip
+from stylize.flow import flicker, temporal_guide
 from stylize.images import fit, to_tensor
 from stylize.plan import job_work
-from stylize.video import flicker, temporal_guide
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from . import images, tiles, video
+from . import flow, images, tiles
 from .device import pick_device, pick_precision
 from .losses import (
     BALANCES,
@@ -246,8 +246,8 @@ def _optimize_clip(
             scales = job.scales if number == 1 else later
             if number > 1:
                 previous, photo = photo, _Photo.of(frame, None, settings, full, job.device)
-                flow, reliable = video.temporal_guide(previous.colours, photo.colours)
-                x = video.warp(x, flow)
+                motion, reliable = flow.temporal_guide(previous.colours, photo.colours)
+                x = flow.warp(x, motion)
                 objective.aim_temporal(x, reliable)
             work = work_done(scales)
             before = first_work + (number - 2) * later_work if number > 1 else 0

@@ -12,8 +12,9 @@ from PIL import Image
 
 from stylize import Settings, transfer
 from stylize.engine import transfer_clip
+from stylize.flow import flicker, temporal_guide, warp
 from stylize.images import to_tensor
-from stylize.video import ClipError, ClipWriter, flicker, looks_like_clip, probe, read_frames, temporal_guide, warp
+from stylize.video import ClipError, ClipWriter, looks_like_clip, probe, read_frames
 
 TINY = {"size": 64, "steps": 12}
 
