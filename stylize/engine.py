@@ -218,13 +218,8 @@ def _optimize(
         _Throttle(),
         job.recorder(time.perf_counter(), scales, work),
     )
-    try:
-        with _memory_refused(job.device, run):
-            x = yield from run.scales_steps(x, scales, styles)
-        yield run.final(x, scales)
-    finally:
-        if job.device.type == "cuda":
-            torch.cuda.empty_cache()
+    with _cuda_cache_emptied(job.device):
+        yield from _made(run, x, scales, styles, job.device)
 
 
 def _optimize_clip(
@@ -241,7 +236,7 @@ def _optimize_clip(
     clip_work = first_work + (count - 1) * later_work
     started, throttle = time.perf_counter(), _Throttle()
     x = _start_image(None, photo.target, settings, job.scales[0].size, job.device)
-    try:
+    with _cuda_cache_emptied(job.device):
         for number, frame in enumerate(itertools.chain([first], rest), start=1):
             scales = job.scales if number == 1 else later
             if number > 1:
@@ -253,11 +248,26 @@ def _optimize_clip(
             before = first_work + (number - 2) * later_work if number > 1 else 0
             record = job.recorder(started, scales, work, number, count, (before / clip_work, work[-1] / clip_work))
             run = _Run(objective, photo, schedule, settings.optimizer, work, throttle, record)
-            with _memory_refused(job.device, run):
-                x = yield from run.scales_steps(x, scales, styles)
-            yield run.final(x, scales)
+            x = yield from _made(run, x, scales, styles, job.device)
+
+
+def _made(
+    run: _Run, x: torch.Tensor, scales: list[Scale], styles: _Styles, device: torch.device
+) -> Generator[Progress, None, torch.Tensor]:
+    """One picture (or frame) from `x`: every scale's steps, then the final record; returns the picture."""
+    with _memory_refused(device, run):
+        x = yield from run.scales_steps(x, scales, styles)
+    yield run.final(x, scales)
+    return x
+
+
+@contextlib.contextmanager
+def _cuda_cache_emptied(device: torch.device) -> Iterator[None]:
+    """Whatever way the work ends, the memory it held goes back to the GPU (torch keeps it cached otherwise)."""
+    try:
+        yield
     finally:
-        if job.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
