@@ -9,6 +9,8 @@ from typing import Any
 _HOMES = {
     "Progress": "engine",
     "transfer": "engine",
+    "transfer_clip": "engine",
+    "ClipError": "video",
     "ImageError": "images",
     "load_image": "images",
     "Settings": "settings",
