@@ -501,7 +501,7 @@ def ended_clip(made: ClipFile, stopped: bool) -> str:
     if frame is None:
         return "Stopped before the first frame was finished: no clip."
     width, height = frame.picture.size
-    seconds = f"{made.frames / frame.clip.rate:.1f} s"
+    seconds = f"{float(made.frames / frame.clip.rate):.1f} s"
     if not stopped and made.frames == frame.frames:
         return (
             f"Done in {_duration(frame.elapsed)}: {made.frames} frames ({seconds}), {width}×{height} px · "

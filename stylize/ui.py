@@ -508,12 +508,14 @@ async def stylize_clip(
                 async for frame in run:
                     if frame.final:  # a frame finished: into the clip, which a Stop from now on keeps
                         await asyncio.to_thread(made.add, frame)
-                    if stop.is_set() or (frame.final and frame.frame == frame.frames):
+                    if stop.is_set():
                         break
                     time_left = time_left or TimeLeft(job_clock().speed)  # the server's speed as this run starts
                     job_clock().record(time_left.timer, frame.done * frame.work)  # and as it goes
                     status = jobs.running_clip(frame, time_left.update(frame))
-                    yield frame.picture, status, gr.skip(), gr.skip()
+                    yield frame.picture, status, gr.skip(), gr.skip()  # the last frame too: it may be its only one
+                    if frame.final and frame.frame == frame.frames:
+                        break
     finally:
         if session and STOP_FLAGS.get(session) is stop:
             del STOP_FLAGS[session]
