@@ -31,6 +31,17 @@ class Upload(gr.Image):
         return payload.path if payload else None
 
 
+class ClipUpload(gr.Video):
+    """A video input whose file reaches the job unopened: gradio's own preprocess may hand an upload to the
+    system's ffmpeg (to convert or mute it); stylize.video alone judges an untrusted clip, from its container
+    first. tests/test_ui_clip.py: test_a_hostile_clip_gets_a_message_and_the_server_still_serves."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> str | None:
+        return payload.path if payload else None
+
+
 class RegionEditor(gr.ImageEditor):
     """The region editor, hardened for the public. Its painted layers reach the job as paths, unopened: gradio
     would decode every file the editor sends, at full size; the job checks, counts and shrinks the layers one at a
@@ -131,6 +142,12 @@ class Page(gr.Blocks):
 def image_input(label: str, elem_id: str) -> Upload:
     """An image input (upload, paste or webcam) whose file reaches the job unopened (components.Upload)."""
     return Upload(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=340, elem_id=elem_id)
+
+
+def clip_input(label: str, elem_id: str) -> ClipUpload:
+    """A video input (upload only: a clip is a few seconds a visitor already has) whose file reaches the job
+    unopened (components.ClipUpload)."""
+    return ClipUpload(label=label, sources=["upload"], height=340, elem_id=elem_id)
 
 
 def setting_slider(name: str, step: float, value: float | None = None, high: float | None = None) -> Slider:

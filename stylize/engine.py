@@ -19,7 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from .losses import (
     tiled_gaussians,
 )
 from .objective import Objective
-from .plan import SCHEDULE, Scale, Schedule, fit_in_memory, plan, work_done
+from .plan import SCHEDULE, Scale, Schedule, fit_in_memory, later_frame_scales, plan, work_done
 from .settings import Settings, SettingsError
 from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_weights
 
@@ -231,7 +231,7 @@ def _optimize_clip(
     objective = job.objective()
     photo = _Photo.of(first, None, settings, full, job.device)
     styles = _Styles(objective, job, photo.colours)  # the first frame's colours recolour the style, once
-    later = _later_frame_scales(job.scales, settings)
+    later = later_frame_scales(job.scales, settings)
     first_work, later_work = work_done(job.scales)[-1], work_done(later)[-1]
     clip_work = first_work + (count - 1) * later_work
     started, throttle = time.perf_counter(), _Throttle()
@@ -269,14 +269,6 @@ def _cuda_cache_emptied(device: torch.device) -> Iterator[None]:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _later_frame_scales(scales: list[Scale], settings: Settings) -> list[Scale]:
-    """A later frame of a clip: one scale at full size, whose steps cost `settings.later_frames` of the first
-    frame's work (it starts from the previous result, which has the style already)."""
-    full = scales[-1]
-    steps = max(1, round(settings.later_frames * work_done(scales)[-1] / full.step_cost(1)))
-    return [replace(full, steps=steps)]
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@
 A public page has one worker (or a few) and strangers for users, some of them hostile. Every limit is read here,
 once, from its environment variable into one frozen `LIMITS` (README, "Running it publicly", lists them); code
 reads it when it needs a limit. Nothing here imports gradio: `stylize.jobs` lets a job in with `admit` (its size,
-images, pixels and time on the server's `JobClock`), `stylize.ui` puts `Guard` in front of the app's routes and
-runs `sweeping` for the app's lifetime.
+images, pixels and time on the server's `JobClock`) or a clip job with `admit_clip`, `stylize.ui` puts `Guard`
+in front of the app's routes and runs `sweeping` for the app's lifetime.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from . import video
 from .asgi import HeldResponse, body_of, drain, one_range_at_most, refuse, replay, with_header
 from .images import ImageError, image_size
 from .settings import Settings, SettingsError
@@ -136,6 +137,18 @@ def admit(
         )
     clock.check(sizes[0], settings, preset, LIMITS.max_job_seconds, max(sizes[-1]) if result else 0)
     return sizes[0]
+
+
+def admit_clip(settings: Settings, clip: str, style: str, *, gpu: bool, clock: JobClock, preset: str) -> video.Clip:
+    """Refuse a clip job this server should not run, before any frame or pixel is decoded; else the clip as its
+    container declares it. Checked in turn: the frames' size (`check_size`), the clip's container (video.probe:
+    its bytes, length, frames, pixels a frame, streams and codec, against the limits there, which the command
+    line applies too), the style artwork's header, and the job's time on `clock`, every frame counted."""
+    check_size(settings.size, gpu)
+    declared = video.probe(_uploaded(clip, "clip"), "clip")
+    image_size(_uploaded(style, "style artwork"), "style artwork")
+    clock.check(declared.size, settings, preset, LIMITS.max_job_seconds, frames=declared.frames)
+    return declared
 
 
 def _uploaded(path: str, what: str) -> str:

@@ -27,11 +27,12 @@ from PIL import Image, ImageChops
 
 from . import guard
 from .device import gpu_names, pick_device
-from .engine import transfer
+from .engine import transfer, transfer_clip
 from .images import bigger_metadata, load_image, load_opacity, png_metadata, result_metadata, save_png
-from .plan import job_work
+from .plan import job_work, later_frame_scales, plan
 from .settings import PRESETS, Settings, SettingsError, brief, knob
 from .timing import GPU_SPEED, SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
+from .video import Clip, ClipWriter, read_frames
 
 try:  # On a ZeroGPU Space this decorator lends a GPU to each call; elsewhere it leaves the function as it is.
     from spaces import GPU
@@ -187,6 +188,23 @@ def frames(
                 yield from run
 
 
+def clip_frames(clip: str, style: str, settings: Settings, preset: str, halt: threading.Event) -> Iterator[Frame]:
+    """One clip job's blocking work, as `frames` is a picture's: the clip checked from its container and the style
+    artwork read, then the engine's frames, frame after frame, until `halt` is set."""
+    declared = guard.admit_clip(
+        settings, clip, style, gpu=device_kind() == "gpu", clock=job_clock(), preset=PRESET_LABELS[preset]
+    )
+    style_side = round(settings.style_scale * settings.size)  # the most of a style the engine looks at
+    artwork = load_image(style, "style artwork", style_side, halt)
+    with run_slots(guard.LIMITS.concurrency):
+        if halt.is_set():
+            return
+        with GPUS.device() as device:
+            run = _run_clip(declared, artwork, replace(settings, device=device))
+            with closing(run):
+                yield from run
+
+
 async def in_thread(make: Callable[[threading.Event], Iterator[Frame]], stop: threading.Event) -> AsyncIterator[Frame]:
     """The frames of `make(halt)`, which runs in a thread of its own and makes each frame once the one before is
     taken (as gradio pulls a generator's). Until `stop` is set: then this ends at once with what it has. Waiting
@@ -257,6 +275,15 @@ class Frame:
     device: str  # where it runs, "cpu" or "cuda:0", and in what number format, "bf16"
     precision: str
     metadata: dict[str, str]  # the PNG's text chunks: settings, weights, warning
+    frame: int = 0  # a clip's: the frame being made (1-based) of `frames`, and the steps of each frame after the
+    frames: int = 0  # first; `final` then says this frame is finished, `picture` is it at full size
+    later_steps: int = 0
+    clip: Clip | None = None  # the clip as its container declares it: its rate and sound, for the MP4
+
+    @property
+    def steps_left(self) -> int:
+        """Steps of the whole job still to come: this picture's or frame's, and a clip's later frames'."""
+        return self.total - self.step + (self.frames - self.frame) * self.later_steps
 
 
 def _gpu_seconds(
@@ -305,6 +332,49 @@ def _run(
             )
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
+        _return_freed_memory()
+
+
+def _clip_gpu_seconds(clip: Clip, style: Image.Image, settings: Settings) -> int:
+    """A ZeroGPU time slot for one clip: start-up plus a picture's steps for the first frame and each later one's."""
+    frames = 1 + (clip.frames - 1) * settings.later_frames
+    return round(30 + frames * settings.steps * 0.1 * (settings.size / 1024) ** 2)
+
+
+@GPU(duration=_clip_gpu_seconds)
+def _run_clip(clip: Clip, style: Image.Image, settings: Settings) -> Iterator[Frame]:
+    """Drive the clip engine over the clip's frames, decoded one at a time: a Frame for each preview, and each
+    frame once finished, at full size."""
+    pictures = read_frames(clip)
+    steps = transfer_clip(pictures, style, settings, count=clip.frames)
+    work = job_work(clip.size, settings, frames=clip.frames)
+    later_steps = later_frame_scales(plan(clip.size, settings), settings)[0].steps
+    try:
+        for progress in steps:
+            yield Frame(
+                progress.image(None if progress.final else PREVIEW_SIDE),
+                progress.size,
+                progress.step,
+                progress.total,
+                progress.scale,
+                progress.scales,
+                progress.tile,
+                progress.tiles,
+                progress.elapsed,
+                progress.done,
+                work,
+                progress.final,
+                progress.device,
+                progress.precision,
+                {},
+                progress.frame,
+                progress.frames,
+                later_steps,
+                clip,
+            )
+    finally:
+        steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
+        pictures.close()
         _return_freed_memory()
 
 
@@ -367,6 +437,35 @@ def save(frame: Frame, folder: str) -> str:
     return str(path)
 
 
+class ClipFile:
+    """A clip job's MP4, in a new folder of its own under `folder` (as `save` puts a PNG): each finished frame is
+    added as it comes, so that a stopped job's file holds the frames made so far, its sound cut to their length."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.writer: ClipWriter | None = None
+        self.last: Frame | None = None  # the last frame added
+
+    def add(self, frame: Frame) -> None:
+        if self.writer is None:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="result-", dir=self.folder)) / "stylized.mp4"
+            self.writer = ClipWriter(path, frame.clip.rate, audio_from=frame.clip)
+        self.writer.add(frame.picture)
+        self.last = frame
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.writer is None else self.writer.frames
+
+    def close(self) -> str | None:
+        """The MP4's path; None where no frame was finished."""
+        if self.writer is None:
+            return None
+        self.writer.close()
+        return str(self.writer.path)
+
+
 def running(frame: Frame, left: float | None) -> str:
     width, height = frame.size
     estimate = "estimating the time left" if left is None else f"about {_duration(5 * round(left / 5))} left"
@@ -384,6 +483,33 @@ def ended(frame: Frame) -> str:
     return (
         f"{_stopped_at(frame).capitalize()} after {_duration(frame.elapsed)}: the picture so far, "
         f"{width}×{height} px · {_hardware(frame)}."
+    )
+
+
+def running_clip(frame: Frame, left: float | None) -> str:
+    width, height = frame.size
+    estimate = "estimating the time left" if left is None else f"about {_duration(5 * round(left / 5))} left"
+    return (
+        f"Frame {frame.frame} of {frame.frames} ({width}×{height} px) · step {frame.step} of {frame.total} · "
+        f"{_duration(frame.elapsed)} elapsed · {estimate} · {_hardware(frame)}"
+    )
+
+
+def ended_clip(made: ClipFile, stopped: bool) -> str:
+    """The status line of a clip job that made `made`, finished or `stopped`."""
+    frame = made.last
+    if frame is None:
+        return "Stopped before the first frame was finished: no clip."
+    width, height = frame.picture.size
+    seconds = f"{float(made.frames / frame.clip.rate):.1f} s"
+    if not stopped and made.frames == frame.frames:
+        return (
+            f"Done in {_duration(frame.elapsed)}: {made.frames} frames ({seconds}), {width}×{height} px · "
+            f"{_hardware(frame)}."
+        )
+    return (
+        f"Stopped at frame {made.frames + 1} of {frame.frames} after {_duration(frame.elapsed)}: the "
+        f"{made.frames} frames made so far ({seconds}), {width}×{height} px · {_hardware(frame)}."
     )
 
 
@@ -437,3 +563,17 @@ def api_help(kind: str) -> dict[str, str]:
         "mask": "Where the style goes: the painted layers of an image editor value (nothing painted: everywhere).",
     }
     return helps
+
+
+def api_clip_help(kind: str) -> dict[str, str]:
+    """The /stylize_clip endpoint's parameters: the clip, and /stylize's help for what they share."""
+    helps = api_help(kind)
+    return {
+        "clip": "The video clip to repaint (MP4, MOV, WebM; a few seconds): its sound is carried over.",
+        "style": helps["style"],
+        "preset": helps["preset"],
+        "size": knob("size")["help"] + " Of each frame; left out: the preset's size.",
+        "style_strength": helps["style_strength"],
+        "content_strength": helps["content_strength"],
+        "temporal_weight": knob("temporal_weight")["help"],
+    }

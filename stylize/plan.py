@@ -128,13 +128,25 @@ def work_done(scales: list[Scale]) -> list[int]:
     return list(itertools.accumulate(scale.step_cost(sweep) for scale in scales for sweep in range(1, scale.steps + 1)))
 
 
-def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0) -> int:
-    """The total work of a transfer of a `content_size` photo (see work_done; `above` as for plan), known before
-    it starts: tiles counted with their margins, both those `tile_size` asks for and those auto tiles add past
-    TILE_BYTES (in float32's bytes where the precision is auto). Tiles that a device's free memory may call for
-    are left out: a server's memory is not known before its device is."""
+def later_frame_scales(scales: list[Scale], settings: Settings) -> list[Scale]:
+    """A later frame of a clip whose first frame is made with `scales`: one scale at full size, whose steps cost
+    `settings.later_frames` of the first frame's work (it starts from the previous result, which has the style
+    already)."""
+    full = scales[-1]
+    steps = max(1, round(settings.later_frames * work_done(scales)[-1] / full.step_cost(1)))
+    return [replace(full, steps=steps)]
+
+
+def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0, frames: int = 1) -> int:
+    """The total work of a transfer of a `content_size` photo (see work_done; `above` as for plan), or of a clip
+    of `frames` such frames (the first's work, then each later frame's), known before it starts: tiles counted
+    with their margins, both those `tile_size` asks for and those auto tiles add past TILE_BYTES (in float32's
+    bytes where the precision is auto). Tiles that a device's free memory may call for are left out: a server's
+    memory is not known before its device is."""
     precision = "fp32" if settings.precision == "auto" else settings.precision
-    return work_done(fit_in_memory(plan(content_size, settings, above=above), settings, None, precision))[-1]
+    scales = fit_in_memory(plan(content_size, settings, above=above), settings, None, precision)
+    later = work_done(later_frame_scales(scales, settings))[-1] if frames > 1 else 0
+    return work_done(scales)[-1] + (frames - 1) * later
 
 
 def peak_bytes(scale: Scale, precision: str) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from .plan import job_work, plan
+from .plan import job_work, later_frame_scales, plan
 from .settings import Settings, SettingsError
 
 LOG = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class RunFrame(RunPoint, Protocol):
     """A page's Frame: where a run stands, and what it has to do."""
 
     total: int  # steps
+    steps_left: int  # of the whole job: a clip's later frames' too
     scales: int
     done: float  # the share of its work done
     work: int  # pixel-steps (engine.job_work)
@@ -72,7 +73,8 @@ class StepTimer:
         self.measured: dict[int, tuple[int, float, int]] = {}  # per scale: (pixels, seconds per step, steps timed)
 
     def add(self, point: RunPoint) -> None:
-        if self.first is None or point.scale != self.first.scale:
+        # A new scale, or a clip's next frame (its steps count from 1 again at the same scale), starts over.
+        if self.first is None or point.scale != self.first.scale or point.step <= self.first.step:
             self.first = point
         elif point.step > self.first.step:
             steps = point.step - self.first.step
@@ -102,7 +104,7 @@ class TimeLeft:
     def update(self, frame: RunFrame) -> float | None:
         """The estimate after `frame`; None while there is no speed to go by."""
         self.timer.add(frame)
-        steps_left, pixel_steps_left = frame.total - frame.step, (1 - frame.done) * frame.work
+        steps_left, pixel_steps_left = frame.steps_left, (1 - frame.done) * frame.work
         own = self.timer.speed()
         if self.prior is None or frame.scales in self.timer.measured:
             return None if own is None else own.seconds(steps_left, pixel_steps_left)
@@ -169,46 +171,61 @@ class JobClock:
         if speed is not None and work_done >= self.least_work:
             self.speed = speed
 
-    def estimate(self, content_size: tuple[int, int], settings: Settings, above: int = 0) -> float | None:
+    def estimate(
+        self, content_size: tuple[int, int], settings: Settings, above: int = 0, frames: int = 1
+    ) -> float | None:
         """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known.
-        `above`: the long side of a result the job makes bigger (plan.plan)."""
+        `above`: the long side of a result the job makes bigger (plan.plan); `frames`: a clip's, each after the
+        first costing a later frame's work (plan.later_frame_scales)."""
         if self.speed is None:
             return None
-        return sum(self.speed.seconds(scale.steps, scale.work) for scale in plan(content_size, settings, above=above))
+        first = plan(content_size, settings, above=above)
+        later = later_frame_scales(first, settings) if frames > 1 else []
+        seconds = [sum(self.speed.seconds(scale.steps, scale.work) for scale in scales) for scales in (first, later)]
+        return seconds[0] + (frames - 1) * seconds[1]
 
     def check(
-        self, content_size: tuple[int, int], settings: Settings, preset: str, limit: float, above: int = 0
+        self,
+        content_size: tuple[int, int],
+        settings: Settings,
+        preset: str,
+        limit: float,
+        above: int = 0,
+        frames: int = 1,
     ) -> None:
         """Refuse a job that would hold the worker longer than `limit` seconds, naming the largest size that fits
-        (`above` as for `estimate`)."""
-        estimate = self._over_limit(content_size, settings, limit, above)
+        (`above` and `frames` as for `estimate`)."""
+        estimate = self._over_limit(content_size, settings, limit, above, frames)
         if estimate is None:
             return
         sizes = range((settings.size - 1) // 32 * 32, 63, -32)  # the size slider's steps, below this one
         fits = next(
-            (size for size in sizes if self._fits(content_size, replace(settings, size=size), limit, above)), None
+            (size for size in sizes if self._fits(content_size, replace(settings, size=size), limit, above, frames)),
+            None,
         )
-        advice = f"Choose {fits} px or less." if fits else "Choose a lighter preset."
+        lighter = "Choose a lighter preset or a shorter clip." if frames > 1 else "Choose a lighter preset."
+        advice = f"Choose {fits} px or less." if fits else lighter
+        job = f"A {frames}-frame clip at {settings.size} px" if frames > 1 else f"A {settings.size} px picture"
         raise SettingsError(
-            f"A {settings.size} px picture with the {preset} preset would take about "
-            f"{about(estimate)} on this server; the limit is {about(limit)}. {advice}"
+            f"{job} with the {preset} preset would take about {about(estimate)} on this server; the limit is "
+            f"{about(limit)}. {advice}"
         )
 
     def _over_limit(
-        self, content_size: tuple[int, int], settings: Settings, limit: float, above: int = 0
+        self, content_size: tuple[int, int], settings: Settings, limit: float, above: int = 0, frames: int = 1
     ) -> float | None:
         """A job's estimated seconds where they pass `limit`; None where it may run."""
         if limit == math.inf:  # no limit: nothing to wait for
             return None
         self.timed.wait()
-        estimate = self.estimate(content_size, settings, above)
-        if estimate is None or job_work(content_size, settings, above) <= self.least_work:
+        estimate = self.estimate(content_size, settings, above, frames)
+        if estimate is None or job_work(content_size, settings, above, frames) <= self.least_work:
             return None
         return estimate if estimate > limit else None
 
-    def _fits(self, content_size: tuple[int, int], settings: Settings, limit: float, above: int) -> bool:
+    def _fits(self, content_size: tuple[int, int], settings: Settings, limit: float, above: int, frames: int) -> bool:
         try:
-            return self._over_limit(content_size, settings, limit, above) is None
+            return self._over_limit(content_size, settings, limit, above, frames) is None
         except SettingsError:  # too small for this photo's shape
             return False
 

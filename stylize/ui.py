@@ -15,8 +15,8 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,25 @@ from PIL import Image
 from starlette.middleware import Middleware  # gradio's web framework
 
 from . import guard, jobs
-from .components import Page, Radio, RegionEditor, image_input, setting_number, setting_radio, setting_slider
+from .components import (
+    Page,
+    Radio,
+    RegionEditor,
+    Slider,
+    clip_input,
+    image_input,
+    setting_number,
+    setting_radio,
+    setting_slider,
+)
 from .images import MAX_BYTES, ImageError, image_size
-from .jobs import BIGGER_HELP, PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_help, device_kind, job_clock
+from .jobs import BIGGER_HELP, PRESET_LABELS, WEIGHTS_TEXT_LENGTH, api_clip_help, api_help, device_kind, job_clock
 from .link_preview import ASSETS, DESCRIPTION, TITLE, LinkPreview
 from .settings import PRESET_NAMES, PRESETS, Settings, SettingsError, knob
 from .ssr import SSR_NODE_MAJOR, ssr_available, ssr_check
 from .timing import TimeLeft
 from .vgg import UntrainedWeightsWarning, WeightsError, resolve_weights
+from .video import MAX_CLIP_BYTES
 
 __all__ = ["SSR_NODE_MAJOR", "build_demo", "device_kind", "launch_options", "ssr_available"]
 
@@ -50,6 +61,12 @@ RUN_QUEUE = "stylize"  # the queue the runs wait in, whichever button started th
 STATUS_TEMPLATE = (
     '${/step \\d+ of \\d+/.test(value) ? `<progress value="${value.match(/step (\\d+) of/)[1]}" '
     "max=\"${value.match(/step \\d+ of (\\d+)/)[1]}\"></progress>` : value.startsWith('Done') ? "
+    "'<progress value=\"1\" max=\"1\"></progress>' : ''}<p>${value}</p>"
+)
+# A clip's bar counts the frames finished, from its "Frame K of N".
+CLIP_STATUS_TEMPLATE = (
+    '${/Frame \\d+ of \\d+/.test(value) ? `<progress value="${value.match(/Frame (\\d+) of/)[1] - 1}" '
+    "max=\"${value.match(/Frame \\d+ of (\\d+)/)[1]}\"></progress>` : value.startsWith('Done') ? "
     "'<progress value=\"1\" max=\"1\"></progress>' : ''}<p>${value}</p>"
 )
 # Bring the result into view when a run starts, with the Stop button: on a wide screen the result is at the top
@@ -82,7 +99,7 @@ def build_demo() -> gr.Blocks:
     # A size left out means the preset's size, so its default is none.
     with Page(
         api_help=_api_help(),
-        api_defaults={"/stylize": {"size": None}, "/bigger": {"size": None}},
+        api_defaults={"/stylize": {"size": None}, "/bigger": {"size": None}, "/stylize_clip": {"size": None}},
         title=TITLE,
         delete_cache=(guard.LIMITS.sweep_seconds, guard.LIMITS.keep_seconds),
         analytics_enabled=os.environ.get("GRADIO_ANALYTICS_ENABLED", "").lower() == "true",
@@ -91,96 +108,117 @@ def build_demo() -> gr.Blocks:
         if weights.untrained:
             gr.Markdown(f"**Degraded mode.** {weights.note}", elem_id="notice")
 
-        with gr.Row():
-            with gr.Column(scale=3):
-                with gr.Row(equal_height=True):
-                    content = image_input("Photo", elem_id="content")
-                    style = image_input("Style artwork", elem_id="style")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Picture", id="picture", elem_id="picture-tab"):
                 with gr.Row():
-                    preset = Radio(
-                        [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
-                        value="standard",
-                        label="Quality",
-                        info=" · ".join(
-                            f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps"
-                            for name, p in PRESETS[kind].items()
-                        ),
-                    )
-                    size = setting_slider(
-                        "size", step=32, value=PRESETS[kind]["standard"]["size"], high=guard.max_size(kind == "gpu")
-                    )
-                with gr.Row():
-                    style_strength = setting_slider("style_strength", step=0.1)
-                    content_strength = setting_slider("content_strength", step=0.1)
-                with gr.Row(elem_id="actions"):
-                    run = gr.Button("Stylize", variant="primary", elem_id="run")
-                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
-            with gr.Column(scale=2):
-                result = gr.Image(
-                    label="Result", interactive=False, buttons=["download", "fullscreen"], elem_id="result"
+                    with gr.Column(scale=3):
+                        with gr.Row(equal_height=True):
+                            content = image_input("Photo", elem_id="content")
+                            style = image_input("Style artwork", elem_id="style")
+                        with gr.Row():
+                            preset, size = _quality(kind)
+                        with gr.Row():
+                            style_strength = setting_slider("style_strength", step=0.1)
+                            content_strength = setting_slider("content_strength", step=0.1)
+                        with gr.Row(elem_id="actions"):
+                            run = gr.Button("Stylize", variant="primary", elem_id="run")
+                            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                    with gr.Column(scale=2):
+                        result = gr.Image(
+                            label="Result", interactive=False, buttons=["download", "fullscreen"], elem_id="result"
+                        )
+                        status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
+                        download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
+                        bigger = gr.Button("Make it bigger", visible=False, elem_id="bigger")
+                        made = gr.File(
+                            visible=False, file_types=[".png"], elem_id="bigger-source"
+                        )  # /bigger's `result`
+
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        preserve_colors = setting_radio("preserve_colors")
+                        optimizer = setting_radio("optimizer")
+                    with gr.Row():
+                        style_scale = setting_slider("style_scale", step=0.05)
+                        smoothing = setting_slider("smoothing", step=0.1)
+                        seed = setting_number("seed")
+                    with gr.Row():
+                        with gr.Column():
+                            extra_styles = gr.Gallery(
+                                label="More style images, blended with the style artwork",
+                                type="filepath",
+                                interactive=True,
+                                file_types=["image"],
+                                columns=4,
+                                elem_id="extra-styles",
+                            )
+                            style_weights = gr.Textbox(
+                                "",
+                                label=knob("style_weights")["label"],
+                                placeholder="e.g. 1, 0.5",
+                                max_length=WEIGHTS_TEXT_LENGTH,
+                                info=knob("style_weights")["help"] + " The first is the style "
+                                "artwork's, then one per extra image, separated by commas.",
+                            )
+                        with gr.Column():
+                            # Said above the editor: its own label floats under its toolbar, which covers a long one.
+                            gr.Markdown(f"**{REGION}**", elem_id="mask-label")
+                            mask = RegionEditor(
+                                {"background": None, "layers": [], "composite": None},
+                                elem_id="mask",
+                                label=REGION,
+                                show_label=False,
+                                type="pil",
+                                image_mode="RGBA",
+                                sources=[],
+                                transforms=[],
+                                layers=False,
+                                brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"),
+                            )
+
+                examples = gr.Examples(
+                    [[_asset(photo), _asset(art)] for photo, art in EXAMPLES],
+                    [content, style],
+                    label="Examples (click one to run it with the quality chosen above)",
+                    api_visibility="private",
                 )
-                status = gr.HTML("", html_template=STATUS_TEMPLATE, label="Status", elem_id="status")
-                download = gr.DownloadButton("Download PNG", interactive=False, elem_id="download")
-                bigger = gr.Button("Make it bigger", visible=False, elem_id="bigger")
-                made = gr.File(visible=False, file_types=[".png"], elem_id="bigger-source")  # /bigger's `result`
+                history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
+                gallery = gr.Gallery(
+                    label="Your results in this session",
+                    columns=6,
+                    fit_columns=False,
+                    height=260,
+                    interactive=False,
+                    elem_id="history",
+                )
 
-        with gr.Accordion("Advanced", open=False):
-            with gr.Row():
-                preserve_colors = setting_radio("preserve_colors")
-                optimizer = setting_radio("optimizer")
-            with gr.Row():
-                style_scale = setting_slider("style_scale", step=0.05)
-                smoothing = setting_slider("smoothing", step=0.1)
-                seed = setting_number("seed")
-            with gr.Row():
-                with gr.Column():
-                    extra_styles = gr.Gallery(
-                        label="More style images, blended with the style artwork",
-                        type="filepath",
-                        interactive=True,
-                        file_types=["image"],
-                        columns=4,
-                        elem_id="extra-styles",
-                    )
-                    style_weights = gr.Textbox(
-                        "",
-                        label=knob("style_weights")["label"],
-                        placeholder="e.g. 1, 0.5",
-                        max_length=WEIGHTS_TEXT_LENGTH,
-                        info=knob("style_weights")["help"] + " The first is the style "
-                        "artwork's, then one per extra image, separated by commas.",
-                    )
-                with gr.Column():
-                    # Said above the editor: its own label floats under its toolbar, which covers a long one.
-                    gr.Markdown(f"**{REGION}**", elem_id="mask-label")
-                    mask = RegionEditor(
-                        {"background": None, "layers": [], "composite": None},
-                        elem_id="mask",
-                        label=REGION,
-                        show_label=False,
-                        type="pil",
-                        image_mode="RGBA",
-                        sources=[],
-                        transforms=[],
-                        layers=False,
-                        brush=gr.Brush(colors=[("#ff4d4d", 0.6)], color_mode="fixed"),
-                    )
-
-        examples = gr.Examples(
-            [[_asset(photo), _asset(art)] for photo, art in EXAMPLES],
-            [content, style],
-            label="Examples (click one to run it with the quality chosen above)",
-            api_visibility="private",
-        )
-        history = gr.State([])  # the page's only: the API's event takes and gives no State (MCP tools cannot)
-        gallery = gr.Gallery(
-            label="Your results in this session",
-            columns=6,
-            fit_columns=False,
-            height=260,
-            interactive=False,
-            elem_id="history",
-        )
+            with gr.Tab("Video", id="video", elem_id="video-tab"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        with gr.Row(equal_height=True):
+                            clip = clip_input("Video clip (a few seconds)", elem_id="clip")
+                            clip_style = image_input("Style artwork", elem_id="clip-style")
+                        with gr.Row():
+                            clip_preset, clip_size = _quality(kind)
+                        with gr.Row():
+                            clip_style_strength = setting_slider("style_strength", step=0.1)
+                            clip_content_strength = setting_slider("content_strength", step=0.1)
+                            temporal_weight = setting_slider("temporal_weight", step=0.1)
+                        with gr.Row(elem_id="clip-actions"):
+                            clip_run = gr.Button("Stylize", variant="primary", elem_id="clip-run")
+                            clip_stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="clip-stop")
+                    with gr.Column(scale=2):
+                        clip_frame = gr.Image(
+                            label="The frame being made",
+                            interactive=False,
+                            buttons=["fullscreen"],
+                            elem_id="clip-frame",
+                        )
+                        clip_status = gr.HTML(
+                            "", html_template=CLIP_STATUS_TEMPLATE, label="Status", elem_id="clip-status"
+                        )
+                        clip_result = gr.Video(label="Result", interactive=False, elem_id="clip-result")
+                        clip_download = gr.DownloadButton("Download MP4", interactive=False, elem_id="clip-download")
 
         private = {"queue": False, "api_visibility": "private"}
         preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
@@ -221,8 +259,51 @@ def build_demo() -> gr.Blocks:
             ran.then(_remember, [download, preset, history], [gallery, history], **private)
             ran.failure(_failed, None, [run, stop, status], **private)
         stop.click(_request_stop, None, stop, **private)
+
+        # The Video tab: as the picture's, a frame at a time; its Stop keeps the frames made so far as a shorter clip.
+        clip_preset.change(lambda name: PRESETS[kind][name]["size"], clip_preset, clip_size, **private)
+        clip_style.upload(_said_if_no_image("style artwork"), clip_style, None, api_visibility="private")
+        clip_download.change(
+            lambda mp4: gr.DownloadButton(interactive=bool(mp4)), clip_download, clip_download, **private
+        )
+
+        def busy_clip(request: gr.Request) -> tuple:
+            STOP_FLAGS[_clip_session(request)] = threading.Event()
+            return *_busy(_someone_ahead(demo)), None
+
+        clip_inputs = [clip, clip_style, clip_preset, clip_size, clip_style_strength, clip_content_strength]
+        clip_inputs += [temporal_weight]
+        clip_started = clip_run.click(
+            busy_clip, None, [clip_run, clip_stop, clip_download, clip_status, clip_frame, clip_result], **private
+        )
+        clip_job = clip_started.then(
+            stylize_clip,
+            clip_inputs,
+            [clip_frame, clip_status, clip_result, clip_download],
+            api_name="stylize_clip",
+            **queued,
+            show_progress="minimal",
+            show_progress_on=clip_frame,
+        )
+        clip_job.then(_idle, None, [clip_run, clip_stop], **private)
+        clip_job.failure(_failed, None, [clip_run, clip_stop, clip_status], **private)
+        clip_stop.click(_request_clip_stop, None, clip_stop, **private)
     # api_open=False: no route runs a job around the queue (gradio opens one by default off Spaces).
     return demo.queue(max_size=guard.LIMITS.queue_size, api_open=False)
+
+
+def _quality(kind: str) -> tuple[Radio, Slider]:
+    """The quality preset and the size it sets, on a `kind` ("cpu" or "gpu") server."""
+    preset = Radio(
+        [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
+        value="standard",
+        label="Quality",
+        info=" · ".join(
+            f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[kind].items()
+        ),
+    )
+    size = setting_slider("size", step=32, value=PRESETS[kind]["standard"]["size"], high=guard.max_size(kind == "gpu"))
+    return preset, size
 
 
 def launch_options() -> dict[str, Any]:
@@ -238,7 +319,7 @@ def launch_options() -> dict[str, Any]:
     os.environ["FORWARDED_ALLOW_IPS"] = ""
     folder = gr.utils.get_upload_folder()
     return {
-        "max_file_size": MAX_BYTES,
+        "max_file_size": max(MAX_BYTES, MAX_CLIP_BYTES),  # each kind of file has its own limit, checked by the job
         "ssr_mode": ssr,
         "css_paths": [Path(__file__).with_name("page.css")],
         "theme": gr.themes.Soft(primary_hue="indigo"),
@@ -300,44 +381,35 @@ async def stylize(
         STOP_FLAGS[request.session_hash] = stop
     frame = None
     try:
-        if not content or not style:
-            raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
-        if bigger_from:
-            size = jobs.bigger_size(max(image_size(bigger_from, "result to make bigger")), size)
-        settings = Settings.from_preset(
-            preset,
-            device_kind(),
-            **({} if size is None else {"size": size}),
-            style_strength=style_strength,
-            content_strength=content_strength,
-            preserve_colors=preserve_colors,
-            style_scale=style_scale,
-            style_weights=jobs.numbers(style_weights),
-            optimizer=optimizer,
-            seed=seed,
-            smoothing=smoothing,
-        )
-        frames = functools.partial(
-            jobs.frames, content, style, extra_styles or [], mask or [], settings, preset, result=bigger_from
-        )
-        time_left = None
-        async with aclosing(jobs.in_thread(frames, stop)) as run:
-            async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
-                if frame.final or stop.is_set():
-                    break
-                time_left = time_left or TimeLeft(job_clock().speed)  # the server's speed as this run starts
-                job_clock().record(time_left.timer, frame.done * frame.work)  # and as it goes
-                yield frame.picture, jobs.running(frame, time_left.update(frame)), gr.skip()
-    except (ImageError, SettingsError) as error:
-        if not stop.is_set():  # else: the Stop ended the decoding (below)
-            LOG.info("Refused a job: %s", error)  # a user's mistake: one line in the log, no traceback
-            raise gr.Error(str(error), print_exception=False) from None
-    except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
-        raise gr.Error(
-            "The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS."
-        ) from error
-    except Exception as error:  # a failure on the server: its log has the details, the user a way on
-        raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
+        with _said_to_the_user(stop):
+            if not content or not style:
+                raise ImageError("Add a photo and a style artwork first (upload, paste or take a picture).")
+            if bigger_from:
+                size = jobs.bigger_size(max(image_size(bigger_from, "result to make bigger")), size)
+            settings = Settings.from_preset(
+                preset,
+                device_kind(),
+                **({} if size is None else {"size": size}),
+                style_strength=style_strength,
+                content_strength=content_strength,
+                preserve_colors=preserve_colors,
+                style_scale=style_scale,
+                style_weights=jobs.numbers(style_weights),
+                optimizer=optimizer,
+                seed=seed,
+                smoothing=smoothing,
+            )
+            frames = functools.partial(
+                jobs.frames, content, style, extra_styles or [], mask or [], settings, preset, result=bigger_from
+            )
+            time_left = None
+            async with aclosing(jobs.in_thread(frames, stop)) as run:
+                async for frame in run:  # the engine's last frame is the final picture, unless Stop ends the run first
+                    if frame.final or stop.is_set():
+                        break
+                    time_left = time_left or TimeLeft(job_clock().speed)  # the server's speed as this run starts
+                    job_clock().record(time_left.timer, frame.done * frame.work)  # and as it goes
+                    yield frame.picture, jobs.running(frame, time_left.update(frame)), gr.skip()
     finally:
         if request and STOP_FLAGS.get(request.session_hash) is stop:
             del STOP_FLAGS[request.session_hash]
@@ -376,6 +448,79 @@ async def make_bigger(
     ) as run:
         async for outputs in run:
             yield outputs
+
+
+@contextmanager
+def _said_to_the_user(stop: threading.Event) -> Iterator[None]:
+    """A job's failure as a message on the page: a user's mistake as it is said, anything else without the server's
+    details. A decoding ended by Stop is no failure."""
+    try:
+        yield
+    except (ImageError, SettingsError) as error:
+        if not stop.is_set():  # else: the Stop ended the decoding
+            LOG.info("Refused a job: %s", error)  # a user's mistake: one line in the log, no traceback
+            raise gr.Error(str(error), print_exception=False) from None
+    except WeightsError as error:  # the server's set-up, not the user's doing: no server paths in the message
+        raise gr.Error(
+            "The server cannot load its VGG19 weights; whoever runs it has to fix STYLIZE_WEIGHTS."
+        ) from error
+    except Exception as error:  # a failure on the server: its log has the details, the user a way on
+        raise gr.Error("Something went wrong on the server. Try again, or try a smaller size.") from error
+
+
+async def stylize_clip(
+    clip: str | None,
+    style: str | None,
+    preset: str,
+    size: float | None,
+    style_strength: float,
+    content_strength: float,
+    temporal_weight: float,
+    request: gr.Request | None = None,
+) -> AsyncIterator[tuple]:
+    """Repaint a short video clip in the style of an artwork, without flicker. Streams the frame being made and a
+    status line ("Frame K of N") while it works, then gives the clip as an MP4 (H.264) with its sound."""
+    # As /stylize: the page's Stop sets its session's flag (busy_clip made it); an API caller cancels its job.
+    session = _clip_session(request) if request else None
+    stop = STOP_FLAGS.pop(session, None) if session else None
+    stop = stop or threading.Event()
+    if stop.is_set():  # Stop was pressed while this run waited in the queue
+        yield None, "Stopped before it started.", None, None
+        return
+    if session:
+        STOP_FLAGS[session] = stop
+    made = jobs.ClipFile(gr.utils.get_upload_folder())
+    try:
+        with _said_to_the_user(stop):
+            if not clip or not style:
+                raise ImageError("Add a video clip and a style artwork first.")
+            settings = Settings.from_preset(
+                preset,
+                device_kind(),
+                **({} if size is None else {"size": size}),
+                style_strength=style_strength,
+                content_strength=content_strength,
+                temporal_weight=temporal_weight,
+            )
+            frames = functools.partial(jobs.clip_frames, clip, style, settings, preset)
+            time_left = None
+            async with aclosing(jobs.in_thread(frames, stop)) as run:
+                async for frame in run:
+                    if frame.final:  # a frame finished: into the clip, which a Stop from now on keeps
+                        await asyncio.to_thread(made.add, frame)
+                    if stop.is_set():
+                        break
+                    time_left = time_left or TimeLeft(job_clock().speed)  # the server's speed as this run starts
+                    job_clock().record(time_left.timer, frame.done * frame.work)  # and as it goes
+                    status = jobs.running_clip(frame, time_left.update(frame))
+                    yield frame.picture, status, gr.skip(), gr.skip()  # the last frame too: it may be its only one
+                    if frame.final and frame.frame == frame.frames:
+                        break
+    finally:
+        if session and STOP_FLAGS.get(session) is stop:
+            del STOP_FLAGS[session]
+        mp4 = await asyncio.to_thread(made.close)  # a failed job's frames too: no file is left open
+    yield gr.skip(), jobs.ended_clip(made, stop.is_set()), mp4, mp4
 
 
 def _remember(png: str | None, preset: str, history: list) -> tuple[list, list]:
@@ -433,12 +578,27 @@ def _request_stop(request: gr.Request) -> gr.Button:
     return gr.Button(interactive=False)
 
 
+def _clip_session(request: gr.Request) -> str:
+    """The key of a session's clip run in STOP_FLAGS: its own, so each tab's Stop stops its own run."""
+    return f"{request.session_hash} clip"
+
+
+def _request_clip_stop(request: gr.Request) -> gr.Button:
+    if _clip_session(request) in STOP_FLAGS:
+        STOP_FLAGS[_clip_session(request)].set()
+    return gr.Button(interactive=False)
+
+
 def _api_help() -> dict[str, dict[str, str]]:
-    """The /stylize and /bigger endpoints' parameter descriptions (jobs.api_help), for the API page and
+    """The /stylize, /bigger and /stylize_clip endpoints' parameter descriptions (jobs.api_help), for the API page and
     gradio_client's view_api(); MCP tools read them from the handlers' docstrings, set here too."""
     helps = api_help(device_kind())
-    described = {"/stylize": helps, "/bigger": {"result": BIGGER_HELP["result"]} | helps | BIGGER_HELP}
-    for handler, endpoint in ((stylize, "/stylize"), (make_bigger, "/bigger")):
+    described = {
+        "/stylize": helps,
+        "/bigger": {"result": BIGGER_HELP["result"]} | helps | BIGGER_HELP,
+        "/stylize_clip": api_clip_help(device_kind()),
+    }
+    for handler, endpoint in ((stylize, "/stylize"), (make_bigger, "/bigger"), (stylize_clip, "/stylize_clip")):
         args = "".join(f"    {name}: {text}\n" for name, text in described[endpoint].items())
         handler.__doc__ = (handler.__doc__ or "").split("\n\n")[0] + "\n\nArgs:\n" + args
     return described

@@ -10,8 +10,10 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from helpers import TEST_PRESETS
+from helpers import TEST_PRESETS, pan, write_clip
 from PIL import Image
+
+import stylize.engine
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -301,3 +303,34 @@ def _picture_changes(page, previous: str | None) -> str:
         arg=previous,
     )
     return page.evaluate("() => document.querySelector('#result img').src")
+
+
+def test_a_clip_streams_its_frames_and_the_result_plays(page, tmp_path, monkeypatch):
+    monkeypatch.setattr(stylize.engine, "PREVIEW_SECONDS", 0)  # a preview every step, however fast the machine
+    clip = write_clip(tmp_path / "pan.mp4", pan(4), audio=True)
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#clip input[type=file]").set_input_files(clip)
+    page.locator("#clip-style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#clip video")
+    page.wait_for_selector("#clip-style img")
+    page.locator("#video-tab").get_by_text("Fast draft", exact=True).click()
+    page.evaluate(  # what the status line and the frame showed while it ran
+        """() => { window.seen = {statuses: new Set(), frames: new Set()};
+          new MutationObserver(() => {
+            seen.statuses.add(document.querySelector('#clip-status').innerText);
+            const img = document.querySelector('#clip-frame img'); if (img) seen.frames.add(img.src);
+          }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true}); }"""
+    )
+    page.locator("#clip-run").click()
+    page.wait_for_function("() => document.querySelector('#clip-status').innerText.includes('Done')")
+    statuses = page.evaluate("() => [...seen.statuses]")
+    assert any("Frame 1 of 4" in s for s in statuses) and any("Frame 4 of 4" in s for s in statuses), statuses
+    assert page.evaluate("() => seen.frames.size") >= 2  # the frame being made changed as it streamed
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#clip-result video'); return v && v.readyState >= 2; }"
+    )
+    assert page.evaluate("() => document.querySelector('#clip-result video').duration") > 0  # it plays
+    page.wait_for_function("() => !document.querySelector('#clip-download').disabled")
+    with page.expect_download() as download:
+        page.locator("#clip-download").click()
+    assert download.value.suggested_filename == "stylized.mp4"

@@ -156,7 +156,7 @@ def test_the_mcp_tool_is_stylize_described_with_the_apps_help_texts(tmp_path):
     pytest.importorskip("mcp", reason='needs gradio\'s MCP extra: pip install "gradio[mcp]"')
     with live_app(SMALL, tmp_path, GRADIO_MCP_SERVER="true") as app:
         tools = httpx.get(f"{app.local_url}gradio_api/mcp/schema", timeout=60).json()
-    assert [tool["name"] for tool in tools] == ["stylize", "make_bigger"]  # nothing else of the page is a tool
+    assert [tool["name"] for tool in tools] == ["stylize", "make_bigger", "stylize_clip"]  # nothing else is a tool
     schema, bigger = tools[0]["inputSchema"], tools[1]["inputSchema"]
     assert tools[0]["description"].startswith("Repaint a photo in the style of an artwork.")
     assert tools[1]["description"].startswith("Make a result bigger: that very picture is the start")
