@@ -27,7 +27,7 @@ from PIL import Image, ImageChops
 
 from . import guard
 from .device import gpu_names, pick_device
-from .engine import transfer, transfer_clip
+from .engine import Progress, transfer, transfer_clip
 from .images import bigger_metadata, load_image, load_opacity, png_metadata, result_metadata, save_png
 from .plan import job_work, later_frame_scales, plan
 from .settings import PRESETS, Settings, SettingsError, brief, knob
@@ -311,28 +311,7 @@ def _run(
     bigger, and `made_from`, what its PNG is to record of it."""
     steps = transfer(content, styles, settings, mask=mask, bigger_from=start)
     work = job_work(content.size, settings, 0 if start is None else max(start.size))
-    try:
-        for progress in steps:
-            yield Frame(
-                progress.image(None if progress.final else PREVIEW_SIDE),
-                progress.size,
-                progress.step,
-                progress.total,
-                progress.scale,
-                progress.scales,
-                progress.tile,
-                progress.tiles,
-                progress.elapsed,
-                progress.done,
-                work,
-                progress.final,
-                progress.device,
-                progress.precision,
-                result_metadata(settings, progress) | made_from,
-            )
-    finally:
-        steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
-        _return_freed_memory()
+    yield from _frames(steps, work, lambda progress: result_metadata(settings, progress) | made_from)
 
 
 def _clip_gpu_seconds(clip: Clip, style: Image.Image, settings: Settings) -> int:
@@ -350,6 +329,21 @@ def _run_clip(clip: Clip, style: Image.Image, settings: Settings) -> Iterator[Fr
     work = job_work(clip.size, settings, frames=clip.frames)
     later_steps = later_frame_scales(plan(clip.size, settings), settings)[0].steps
     try:
+        yield from _frames(steps, work, lambda progress: {}, later_steps, clip)
+    finally:
+        pictures.close()
+
+
+def _frames(
+    steps: Iterator[Progress],
+    work: int,
+    metadata: Callable[[Progress], dict[str, str]],
+    later_steps: int = 0,
+    clip: Clip | None = None,
+) -> Iterator[Frame]:
+    """The engine's progress as Frames, a preview's picture shrunk to PREVIEW_SIDE; `work` the whole job's,
+    `metadata` a finished picture's PNG text."""
+    try:
         for progress in steps:
             yield Frame(
                 progress.image(None if progress.final else PREVIEW_SIDE),
@@ -366,7 +360,7 @@ def _run_clip(clip: Clip, style: Image.Image, settings: Settings) -> Iterator[Fr
                 progress.final,
                 progress.device,
                 progress.precision,
-                {},
+                metadata(progress),
                 progress.frame,
                 progress.frames,
                 later_steps,
@@ -374,7 +368,6 @@ def _run_clip(clip: Clip, style: Image.Image, settings: Settings) -> Iterator[Fr
             )
     finally:
         steps.close()  # a Stop or a closed page lands here: the engine stops and frees its memory
-        pictures.close()
         _return_freed_memory()
 
 

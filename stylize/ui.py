@@ -115,14 +115,7 @@ def build_demo() -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             content = image_input("Photo", elem_id="content")
                             style = image_input("Style artwork", elem_id="style")
-                        with gr.Row():
-                            preset, size = _quality(kind)
-                        with gr.Row():
-                            style_strength = setting_slider("style_strength", step=0.1)
-                            content_strength = setting_slider("content_strength", step=0.1)
-                        with gr.Row(elem_id="actions"):
-                            run = gr.Button("Stylize", variant="primary", elem_id="run")
-                            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                        preset, size, (style_strength, content_strength), run, stop = _job_controls(kind)
                     with gr.Column(scale=2):
                         result = gr.Image(
                             label="Result", interactive=False, buttons=["download", "fullscreen"], elem_id="result"
@@ -198,15 +191,7 @@ def build_demo() -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             clip = clip_input("Video clip (a few seconds)", elem_id="clip")
                             clip_style = image_input("Style artwork", elem_id="clip-style")
-                        with gr.Row():
-                            clip_preset, clip_size = _quality(kind)
-                        with gr.Row():
-                            clip_style_strength = setting_slider("style_strength", step=0.1)
-                            clip_content_strength = setting_slider("content_strength", step=0.1)
-                            temporal_weight = setting_slider("temporal_weight", step=0.1)
-                        with gr.Row(elem_id="clip-actions"):
-                            clip_run = gr.Button("Stylize", variant="primary", elem_id="clip-run")
-                            clip_stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="clip-stop")
+                        clip_preset, clip_size, clip_strengths, clip_run, clip_stop = _job_controls(kind, clip=True)
                     with gr.Column(scale=2):
                         clip_frame = gr.Image(
                             label="The frame being made",
@@ -221,7 +206,6 @@ def build_demo() -> gr.Blocks:
                         clip_download = gr.DownloadButton("Download MP4", interactive=False, elem_id="clip-download")
 
         private = {"queue": False, "api_visibility": "private"}
-        preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, **private)
         content.change(lambda photo: photo, content, mask, **private)
         # Through the queue: a warning reaches the page only as one of the queue's messages.
         content.upload(_said_if_no_image("photo"), content, None, api_visibility="private")
@@ -261,7 +245,6 @@ def build_demo() -> gr.Blocks:
         stop.click(_request_stop, None, stop, **private)
 
         # The Video tab: as the picture's, a frame at a time; its Stop keeps the frames made so far as a shorter clip.
-        clip_preset.change(lambda name: PRESETS[kind][name]["size"], clip_preset, clip_size, **private)
         clip_style.upload(_said_if_no_image("style artwork"), clip_style, None, api_visibility="private")
         clip_download.change(
             lambda mp4: gr.DownloadButton(interactive=bool(mp4)), clip_download, clip_download, **private
@@ -271,8 +254,7 @@ def build_demo() -> gr.Blocks:
             STOP_FLAGS[_clip_session(request)] = threading.Event()
             return *_busy(_someone_ahead(demo)), None
 
-        clip_inputs = [clip, clip_style, clip_preset, clip_size, clip_style_strength, clip_content_strength]
-        clip_inputs += [temporal_weight]
+        clip_inputs = [clip, clip_style, clip_preset, clip_size, *clip_strengths]
         clip_started = clip_run.click(
             busy_clip, None, [clip_run, clip_stop, clip_download, clip_status, clip_frame, clip_result], **private
         )
@@ -292,18 +274,29 @@ def build_demo() -> gr.Blocks:
     return demo.queue(max_size=guard.LIMITS.queue_size, api_open=False)
 
 
-def _quality(kind: str) -> tuple[Radio, Slider]:
-    """The quality preset and the size it sets, on a `kind` ("cpu" or "gpu") server."""
-    preset = Radio(
-        [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
-        value="standard",
-        label="Quality",
-        info=" · ".join(
-            f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[kind].items()
-        ),
-    )
-    size = setting_slider("size", step=32, value=PRESETS[kind]["standard"]["size"], high=guard.max_size(kind == "gpu"))
-    return preset, size
+def _job_controls(kind: str, clip: bool = False) -> tuple[Radio, Slider, list[Slider], gr.Button, gr.Button]:
+    """What a tab asks before a run, on a `kind` ("cpu" or "gpu") server: the quality preset and the size it sets,
+    the strengths (and a `clip`'s temporal weight), Stylize and Stop (in the Video tab, ids "clip-run"...)."""
+    prefix = "clip-" if clip else ""
+    with gr.Row():
+        preset = Radio(
+            [(PRESET_LABELS[name], name) for name in PRESET_NAMES],
+            value="standard",
+            label="Quality",
+            info=" · ".join(
+                f"{PRESET_LABELS[name]}: {p['size']} px, {p['steps']} steps" for name, p in PRESETS[kind].items()
+            ),
+        )
+        high = guard.max_size(kind == "gpu")
+        size = setting_slider("size", step=32, value=PRESETS[kind]["standard"]["size"], high=high)
+    preset.change(lambda name: PRESETS[kind][name]["size"], preset, size, queue=False, api_visibility="private")
+    with gr.Row():
+        names = ["style_strength", "content_strength"] + (["temporal_weight"] if clip else [])
+        strengths = [setting_slider(name, step=0.1) for name in names]
+    with gr.Row(elem_id=f"{prefix}actions"):
+        run = gr.Button("Stylize", variant="primary", elem_id=f"{prefix}run")
+        stop = gr.Button("Stop", variant="stop", interactive=False, elem_id=f"{prefix}stop")
+    return preset, size, strengths, run, stop
 
 
 def launch_options() -> dict[str, Any]:

@@ -182,7 +182,7 @@ def test_a_preset_without_a_size_sets_the_size(client, photo, art):
 
 def test_the_api_describes_its_parameters_with_the_apps_help_texts(client):
     api = client.view_api(return_format="dict", print_info=False)
-    assert list(api["named_endpoints"]) == ["/stylize", "/bigger"]  # the examples and other buttons are not API
+    assert list(api["named_endpoints"]) == ["/stylize", "/bigger", "/stylize_clip"]  # no example or other button
     parameters = {p["parameter_name"]: p for p in api["named_endpoints"]["/stylize"]["parameters"]}
     for name in (
         "style_strength",
