@@ -161,7 +161,7 @@ class Settings:
         "0 makes each frame on its own.",
     )
     later_frames: float = _knob(
-        0.25,
+        0.19,  # bench/README.md, clips: a 2 s clip at 256 px within 3 minutes on 2 CPU cores
         low=0.02,
         high=1.0,
         label="Later frames' work",

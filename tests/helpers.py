@@ -14,11 +14,12 @@ import math
 import struct
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,25 @@ def write_clip(
             container.mux(sound.encode(frame))
             container.mux(sound.encode(None))
     return path
+
+
+def hold_clip_runs(monkeypatch: pytest.MonkeyPatch, after: int) -> tuple[threading.Event, threading.Event]:
+    """Clip jobs that wait once `after` frames are finished until `released` is set: a Stop pressed while one
+    waits lands at a known frame. Returns (`made`, set when they are finished; `released`)."""
+    import stylize.jobs
+
+    made, released = threading.Event(), threading.Event()
+    real = stylize.jobs.transfer_clip
+
+    def held(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with closing(real(*args, **kwargs)) as stream:
+            finished = 0
+            for progress in stream:
+                yield progress
+                finished += progress.final
+                if finished == after:
+                    made.set()
+                    released.wait(60)
+
+    monkeypatch.setattr(stylize.jobs, "transfer_clip", held)
+    return made, released

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from helpers import TEST_PRESETS, pan, write_clip
+from helpers import TEST_PRESETS, hold_clip_runs, pan, write_clip
 from PIL import Image
 
 import stylize.engine
@@ -334,3 +334,27 @@ def test_a_clip_streams_its_frames_and_the_result_plays(page, tmp_path, monkeypa
     with page.expect_download() as download:
         page.locator("#clip-download").click()
     assert download.value.suggested_filename == "stylized.mp4"
+
+
+def test_stop_keeps_a_shorter_clip_that_plays(page, tmp_path, monkeypatch):
+    made_two, released = hold_clip_runs(monkeypatch, after=2)
+    clip = write_clip(tmp_path / "pan.mp4", pan(6))  # no sound: its length would be a whole number of AAC frames
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#clip input[type=file]").set_input_files(clip)
+    page.locator("#clip-style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#clip video")
+    page.wait_for_selector("#clip-style img")
+    page.locator("#video-tab").get_by_text("Fast draft", exact=True).click()
+    page.locator("#clip-run").click()
+    assert made_two.wait(120)
+    page.wait_for_function("() => document.querySelector('#clip-status').innerText.includes('Frame 2 of 6')")
+    page.locator("#clip-stop").click()
+    page.wait_for_function("() => document.querySelector('#clip-stop').disabled")  # the press has reached the server
+    released.set()
+    page.wait_for_function("() => document.querySelector('#clip-status').innerText.includes('Stopped at frame 3')")
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#clip-result video'); return v && v.readyState >= 2; }"
+    )
+    duration = page.evaluate("() => document.querySelector('#clip-result video').duration")
+    assert duration == pytest.approx(2 / 12, abs=0.05)  # the two frames made, not the six asked for
+    assert not page.locator("#clip-download").is_disabled()

@@ -1,15 +1,22 @@
 """The Video tab's job, /stylize_clip, driven through gradio_client against a server launched in-process as app.py
 launches it: frames stream, the MP4 has every frame, Stop keeps a shorter clip, hostile clips get a message."""
 
-import threading
-from contextlib import closing
-
 import av
 import httpx
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
-from helpers import TEST_PRESETS, artwork, assert_clean, encoded, live_app, pan, wait_until, write_clip
+from helpers import (
+    TEST_PRESETS,
+    artwork,
+    assert_clean,
+    encoded,
+    hold_clip_runs,
+    live_app,
+    pan,
+    wait_until,
+    write_clip,
+)
 
 import stylize.engine
 import stylize.jobs
@@ -77,25 +84,7 @@ def test_a_clip_streams_its_frames_then_the_mp4_with_every_frame(client, clip, a
 
 @pytest.mark.e2e
 def test_stop_keeps_the_frames_made_so_far_as_a_shorter_clip(app, client, clip, art, monkeypatch):
-    made_two, released = threading.Event(), threading.Event()
-    real = stylize.jobs.transfer_clip
-
-    def held_after_two_frames(*args, **kwargs):  # the run waits after its second frame until Stop is pressed
-        stream = real(*args, **kwargs)
-
-        def held():
-            with closing(stream):
-                finished = 0
-                for progress in stream:
-                    yield progress
-                    finished += progress.final
-                    if finished == 2:
-                        made_two.set()
-                        released.wait(60)
-
-        return held()
-
-    monkeypatch.setattr(stylize.jobs, "transfer_clip", held_after_two_frames)
+    made_two, released = hold_clip_runs(monkeypatch, after=2)
     job = run_clip(client, clip, art)
     assert made_two.wait(120)
     wait_until(lambda: any(o[1].startswith("Frame 2") for o in job.outputs()), what="frame 2 streamed")
