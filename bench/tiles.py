@@ -3,7 +3,10 @@
 - Quality and time (issue 19's targets): at each size, the picture made whole and in tiles with the same steps,
   both scored with the engine's objective on the whole picture in float32 (common.score), and their times.
 - Seams: in the tiled picture, the mean absolute pixel difference across the lines where the last sweep's tiles
-  meet over that across all other lines; a sheet with a crop across a tile corner, whole beside tiled
+  meet over that across the other lines at the same place in VGG19's 16 px cell (tiles are cut on whole cells,
+  and a picture made through VGG19 differs more across some of a cell's lines than others, tiled or not), beside
+  the whole picture's at the same lines (a few lines of a photo: some cross its edges) and the tiled over the
+  whole's, what the tiles add; a sheet with a crop across a tile corner, whole beside tiled
   (bench/out/tile_seam.png).
 - Peak memory: each run in a fresh process (as bench/memory.py measures them), whole and tiled, with the memory
   model's estimate (plan.peak_bytes) beside it.
@@ -27,6 +30,7 @@ from PIL import Image
 
 from stylize import transfer
 from stylize.device import pick_precision
+from stylize.losses import CELL
 from stylize.plan import Scale, peak_bytes, plan
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
@@ -42,13 +46,14 @@ def made(device: torch.device, size: int, tile: int, steps: int, **more: object)
 
 
 def seam_ratio(picture: np.ndarray, scale: Scale, sweep: int) -> float:
-    """Mean |difference| across the lines where the tiles of a sweep meet, over that across all other lines."""
+    """Mean |difference| across the lines where the tiles of a sweep meet, over that across the other lines that
+    lie where they do in a CELL (the edges are on whole cells)."""
     at_edges, elsewhere = [], []
     for axis in (0, 1):  # rows, then columns
         step = np.abs(np.diff(picture, axis=axis)).mean(axis=(1 - axis, 2))  # line i | i + 1
         edges = {cell[axis].start - 1 for cell in scale.grid(sweep) if cell[axis].start}
         at_edges += [step[i] for i in sorted(edges)]
-        elsewhere += [step[i] for i in range(len(step)) if i not in edges]
+        elsewhere += [step[i] for i in range(CELL - 1, len(step), CELL) if i not in edges]
     return float(np.mean(at_edges)) / float(np.mean(elsewhere))
 
 
@@ -74,7 +79,7 @@ def quality(device: torch.device, size: int, tile: int, steps: int) -> tuple[lis
     values = {name: score(run.pixels, settings, content, style) for name, run in runs.items()}
     scale = plan(content.size, settings)[-1]
     pictures = {name: run.image() for name, run in runs.items()}
-    ratio = seam_ratio(np.asarray(pictures["tiled"], np.float64), scale, scale.steps)
+    seams = {name: seam_ratio(np.asarray(image, np.float64), scale, scale.steps) for name, image in pictures.items()}
     OUT.mkdir(exist_ok=True)
     seam_sheet(pictures["whole"], pictures["tiled"], scale, scale.steps).save(OUT / f"tile_seam_{size}.png")
     row = [
@@ -87,7 +92,9 @@ def quality(device: torch.device, size: int, tile: int, steps: int) -> tuple[lis
         runs["whole"].elapsed,
         runs["tiled"].elapsed,
         f"{runs['tiled'].elapsed / runs['whole'].elapsed:.2f}",
-        f"{ratio:.3f}",
+        f"{seams['tiled']:.3f}",
+        f"{seams['whole']:.3f}",
+        f"{seams['tiled'] / seams['whole']:.3f}",
     ]
     return [row], runs["whole"]
 
@@ -156,7 +163,8 @@ def main() -> None:
             rows, whole = quality(device, size, args.tile, args.steps)
             print(
                 f"\nWhole and tiled, {args.steps} steps: the engine's objective on the whole picture in float32, "
-                "time, seams (tiled: |difference| across the last sweep's tile edges / across other lines)\n"
+                "time, seams (|difference| across the last sweep's tile edges / across the other lines at the same "
+                "place in a 16 px cell; whole's: the whole picture's at the same lines)\n"
                 + table(
                     [
                         "size",
@@ -169,6 +177,8 @@ def main() -> None:
                         "tiled s",
                         "time ratio",
                         "seams",
+                        "whole's",
+                        "seams / whole's",
                     ],
                     rows,
                 )
