@@ -308,12 +308,7 @@ def _picture_changes(page, previous: str | None) -> str:
 def test_a_clip_streams_its_frames_and_the_result_plays(page, tmp_path, monkeypatch):
     monkeypatch.setattr(stylize.engine, "PREVIEW_SECONDS", 0)  # a preview every step, however fast the machine
     clip = write_clip(tmp_path / "pan.mp4", pan(4), audio=True)
-    page.get_by_role("tab", name="Video").click()
-    page.locator("#clip input[type=file]").set_input_files(clip)
-    page.locator("#clip-style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
-    page.wait_for_selector("#clip video")
-    page.wait_for_selector("#clip-style img")
-    page.locator("#video-tab").get_by_text("Fast draft", exact=True).click()
+    _clip_chosen(page, clip)
     page.evaluate(  # what the status line and the frame showed while it ran
         """() => { window.seen = {statuses: new Set(), frames: new Set()};
           new MutationObserver(() => {
@@ -339,12 +334,7 @@ def test_a_clip_streams_its_frames_and_the_result_plays(page, tmp_path, monkeypa
 def test_stop_keeps_a_shorter_clip_that_plays(page, tmp_path, monkeypatch):
     made_two, released = hold_clip_runs(monkeypatch, after=2)
     clip = write_clip(tmp_path / "pan.mp4", pan(6))  # no sound: its length would be a whole number of AAC frames
-    page.get_by_role("tab", name="Video").click()
-    page.locator("#clip input[type=file]").set_input_files(clip)
-    page.locator("#clip-style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
-    page.wait_for_selector("#clip video")
-    page.wait_for_selector("#clip-style img")
-    page.locator("#video-tab").get_by_text("Fast draft", exact=True).click()
+    _clip_chosen(page, clip)
     page.locator("#clip-run").click()
     assert made_two.wait(120)
     page.wait_for_function("() => document.querySelector('#clip-status').innerText.includes('Frame 2 of 6')")
@@ -358,3 +348,13 @@ def test_stop_keeps_a_shorter_clip_that_plays(page, tmp_path, monkeypatch):
     duration = page.evaluate("() => document.querySelector('#clip-result video').duration")
     assert duration == pytest.approx(2 / 12, abs=0.05)  # the two frames made, not the six asked for
     assert not page.locator("#clip-download").is_disabled()
+
+
+def _clip_chosen(page, clip: Path) -> None:
+    """The Video tab with `clip` and the swirls uploaded, at the draft preset."""
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#clip input[type=file]").set_input_files(clip)
+    page.locator("#clip-style input[type=file]").set_input_files(ASSETS / "swirls.jpg")
+    page.wait_for_selector("#clip video")
+    page.wait_for_selector("#clip-style img")
+    page.locator("#video-tab").get_by_text("Fast draft", exact=True).click()

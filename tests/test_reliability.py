@@ -531,11 +531,13 @@ runpy.run_path({app!r}, run_name="__main__")
 
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory):
-    """app.py in its own process with small limits from the environment: 1 MB, 1 megapixel, files kept 8 s."""
+    """app.py in its own process with small limits from the environment: images of 1 MB and 1 megapixel, clips of
+    2 MB (the upload cap: the larger), files kept 8 s."""
     folder = tmp_path_factory.mktemp("configured")
     env = {
         **os.environ,
         "STYLIZE_MAX_UPLOAD_MB": "1",
+        "STYLIZE_MAX_CLIP_MB": "2",
         "STYLIZE_MAX_MEGAPIXELS": "1",
         "STYLIZE_KEEP_FILES_SECONDS": "8",
         "STYLIZE_MAX_JOB_SECONDS": "inf",
@@ -576,12 +578,15 @@ def test_configured_byte_and_pixel_limits(configured, good, folder):
     url, _ = configured
     client = Client(url, verbose=False)
     heavy = file_of(folder, "heavy.png", encoded(noise((700, 700)), "PNG"))  # about 1.4 MB of noise
-    assert Path(heavy).stat().st_size > 2**20
-    with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
-        client.predict(content=handle_file(heavy), style=handle_file(good[1]), api_name="/stylize")
-    with open(heavy, "rb") as f:  # a client that does not check first: refused on arrival
-        response = httpx.post(f"{url}gradio_api/upload", files={"files": ("heavy.png", f)}, timeout=60)
-    assert response.status_code == 413 and "1048576 bytes" in response.text
+    assert 2**20 < Path(heavy).stat().st_size < 2 * 2**20
+    refused(client, good, "the limit is 1 MB", content=handle_file(heavy))  # uploaded as a clip may be; not decoded
+    huge = file_of(folder, "huge.png", encoded(noise((1100, 1100)), "PNG"))  # over any file's limit
+    assert Path(huge).stat().st_size > 2 * 2**20
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 2097152 bytes"):
+        client.predict(content=handle_file(huge), style=handle_file(good[1]), api_name="/stylize")
+    with open(huge, "rb") as f:  # a client that does not check first: refused on arrival
+        response = httpx.post(f"{url}gradio_api/upload", files={"files": ("huge.png", f)}, timeout=60)
+    assert response.status_code == 413 and "2097152 bytes" in response.text
 
     wide = file_of(folder, "wide.png", encoded(Image.new("RGB", (1200, 1000), (90, 90, 90)), "PNG"))
     refused(client, good, "is 1200x1000 pixels; the limit is 1 megapixels", content=handle_file(wide))
