@@ -9,7 +9,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path, PurePath
 
-from .decoding import ImageError  # Pillow and numpy only: no torch before the arguments hold
+from .decoding import ImageError, LimitError  # Pillow and numpy only: no torch before the arguments hold
 from .settings import INITS, PRESET_NAMES, PRESETS, InputError, Settings, SettingsError, brief, format_number, knob
 
 # CLI flag -> Settings field, for the flags that map one to one.
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # before torch is imported: a usage error takes no seconds
     try:
         run(args)
+    except LimitError as error:  # the limits are an upload's; here the files are the user's own
+        print(f"error: {error} Or raise the limit: {error.setting}=... in the environment.", file=sys.stderr)
+        return 2
     except (InputError, ImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -269,9 +272,9 @@ def _say_if_costly(settings: Settings, path: str) -> None:
     times = settings.size**2 * settings.steps / (fine["size"] ** 2 * fine["steps"])
     if times > 1.5:
         print(
-            f"note: {path} records a {settings.size} px, {settings.steps}-step run, about {times:.0f} times the "
-            f"fine preset's work on this {device_kind.upper()}: it may take a long time. Ctrl+C stops it; "
-            "--size and --steps make it smaller.",
+            f"note: this run ({settings.size} px, {settings.steps} steps: {path}'s, with the flags given here) is "
+            f"about {times:.0f} times the fine preset's work on this {device_kind.upper()}: it may take a long time. "
+            "Ctrl+C stops it; --size and --steps make it smaller.",
             file=sys.stderr,
         )
 

@@ -47,6 +47,15 @@ class ImageError(ValueError):
     """An image a user gave cannot be used; the message says why and what to do."""
 
 
+class LimitError(ImageError):
+    """An image over a limit on uploads. On their own machine (the command line) a user may raise it: `setting`
+    is the environment variable that does."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 # --- in the parent -------------------------------------------------------------------------------------------
 
 

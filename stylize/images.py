@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .decoding import MAX_BYTES, MAX_PIXELS, ImageError, decode, refuse_metadata_bomb, shrunk, to_rgb, truncated
+from .decoding import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    ImageError,
+    LimitError,
+    decode,
+    refuse_metadata_bomb,
+    shrunk,
+    to_rgb,
+    truncated,
+)
 from .decoding import fit as fit  # part of this module's interface: the engine sizes its scales with it
 
 if TYPE_CHECKING:
@@ -81,8 +91,9 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
     if size == 0:
         raise ImageError(f"The {what} file is empty. Use a JPEG, PNG or WebP image.")
     if size > MAX_BYTES:
-        raise ImageError(
-            f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. Use a smaller file."
+        raise LimitError(
+            f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB. Use a smaller file.",
+            "STYLIZE_MAX_UPLOAD_MB",
         )
     try:
         with warnings.catch_warnings():
@@ -90,8 +101,9 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
             image = Image.open(opener())
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
-            raise ImageError(
-                f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image."
+            raise LimitError(
+                f"The {what} has too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image.",
+                "STYLIZE_MAX_MEGAPIXELS",
             ) from None
         refuse_metadata_bomb(error, what)
         raise ImageError(f"The {what} is not an image this app can read. Use a JPEG, PNG or WebP image.") from None
@@ -100,9 +112,10 @@ def _opened(source: str | os.PathLike | bytes, what: str) -> Image.Image:
             raise ImageError(f"The {what} is in {image.format} format. Use a JPEG, PNG or WebP image.")
         width, height = image.size
         if width * height > MAX_PIXELS:
-            raise ImageError(
-                f"The {what} is {width}x{height} pixels; the limit is "
-                f"{MAX_PIXELS / 1e6:.0f} megapixels. Use a smaller image."
+            raise LimitError(
+                f"The {what} is {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels. "
+                "Use a smaller image.",
+                "STYLIZE_MAX_MEGAPIXELS",
             )
         _checked_shape(image, what)
         if image.format in ("JPEG", "MPO"):

@@ -410,7 +410,7 @@ def test_from_a_costly_recorded_run_says_so_before_it_starts(inputs, capsys, mon
         main([str(inputs / "photo.jpg"), str(inputs / "art.png"), "--from", str(png), "-o", str(inputs / "out.png")])
         == 130
     )
-    assert "records a 8192 px, 5000-step run, about" in capsys.readouterr().err
+    assert "this run (8192 px, 5000 steps: " in capsys.readouterr().err
 
 
 def test_bigger_makes_a_result_bigger_from_itself_and_records_it(inputs, capsys):

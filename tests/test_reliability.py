@@ -704,6 +704,7 @@ def test_cli_limits_come_from_the_environment(cli_inputs, variable, image, messa
         command, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, variable: "1"}
     )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"raise the limit: {variable}=" in result.stderr  # on the command line, the files are the user's own
 
 
 # --- the load test --------------------------------------------------------------------------------
