@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from .decoding import ImageError
+from .decoding import ImageError, LimitError
 
 MAX_CLIP_BYTES = int(float(os.environ.get("STYLIZE_MAX_CLIP_MB", "100")) * 2**20)
 MAX_CLIP_SECONDS = float(os.environ.get("STYLIZE_MAX_CLIP_SECONDS", "30"))
@@ -37,6 +37,11 @@ USE = "Use a short MP4, WebM or MOV video."
 
 class ClipError(ImageError):
     """A clip a user gave cannot be used; the message says why and what to do."""
+
+
+class ClipLimitError(ClipError, LimitError):
+    """A clip over a limit on uploads; `setting` is the environment variable that raises it (the command line
+    says so)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,10 @@ def probe(path: str | os.PathLike, what: str = "clip") -> Clip:
     if size == 0:
         raise ClipError(f"The {what} file is empty. {USE}")
     if size > MAX_CLIP_BYTES:
-        raise ClipError(f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_CLIP_BYTES / 2**20:.0f} MB. {USE}")
+        raise ClipLimitError(
+            f"The {what} is {size / 2**20:.1f} MB; the limit is {MAX_CLIP_BYTES / 2**20:.0f} MB. {USE}",
+            "STYLIZE_MAX_CLIP_MB",
+        )
     try:
         container = av.open(str(path), options={"probesize": "5000000", "analyzeduration": "5000000"})
     except (av.FFmpegError, UnicodeDecodeError):
@@ -102,9 +110,10 @@ def _checked(container: av.container.InputContainer, path: Path, what: str) -> C
     codec = stream.codec_context.name
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > MAX_FRAME_PIXELS:
-        raise ClipError(
+        raise ClipLimitError(
             f"The {what}'s frames are {width}x{height} pixels; the limit is {MAX_FRAME_PIXELS / 1e6:.1f} megapixels. "
-            "Use a smaller video."
+            "Use a smaller video.",
+            "STYLIZE_MAX_FRAME_MEGAPIXELS",
         )
     if width <= 0 or height <= 0:
         raise ClipError(f"The {what} does not say how large its frames are. {USE}")
@@ -123,11 +132,15 @@ def _checked(container: av.container.InputContainer, path: Path, what: str) -> C
     if declared <= 1 or seconds <= 0:
         raise ClipError(f"The {what} is a single picture, not a video. Use it as the photo, or use a short video.")
     if seconds > MAX_CLIP_SECONDS:
-        raise ClipError(f"The {what} is {seconds:.1f} s long; the limit is {MAX_CLIP_SECONDS:g} s. Use a shorter one.")
+        raise ClipLimitError(
+            f"The {what} is {seconds:.1f} s long; the limit is {MAX_CLIP_SECONDS:g} s. Use a shorter one.",
+            "STYLIZE_MAX_CLIP_SECONDS",
+        )
     if declared > MAX_CLIP_FRAMES:
-        raise ClipError(
+        raise ClipLimitError(
             f"The {what} has {declared} frames; the limit is {MAX_CLIP_FRAMES}. Use a shorter video "
-            "or one with fewer frames per second."
+            "or one with fewer frames per second.",
+            "STYLIZE_MAX_CLIP_FRAMES",
         )
     rate = Fraction(rate) if rate else Fraction(declared) / Fraction(seconds)
     return Clip(path, (width, height), declared, rate, seconds, codec, bool(streams.audio))

@@ -97,6 +97,18 @@ def test_limits_on_length_and_frames(clip_path, monkeypatch):
         probe(clip_path)
 
 
+def test_cli_names_the_setting_that_raises_a_clip_limit(clip_path, tmp_path, monkeypatch, capsys):
+    import stylize.video
+    from stylize.cli import main
+
+    monkeypatch.setattr(stylize.video, "MAX_CLIP_FRAMES", 4)
+    artwork().save(tmp_path / "art.png")
+    assert main([str(clip_path), str(tmp_path / "art.png"), "-o", str(tmp_path / "never.mp4")]) == 2
+    error = capsys.readouterr().err
+    assert "has 5 frames; the limit is 4" in error and "raise the limit: STYLIZE_MAX_CLIP_FRAMES=" in error, error
+    assert not (tmp_path / "never.mp4").exists()
+
+
 def test_frames_are_decoded_up_to_the_declared_count_only(clip_path):
     clip = probe(clip_path)
     assert [f.size for f in read_frames(clip)] == [(80, 64)] * 5
