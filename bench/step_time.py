@@ -32,7 +32,7 @@ from common import (
     table,
 )
 
-from stylize.device import cpu_budget, cpu_has_native_bf16
+from stylize.device import cpu_bf16, cpu_budget
 from stylize.losses import StyleTarget, gaussian, style_loss
 from stylize.plan import SCHEDULE, Schedule
 from stylize.settings import STYLE_LAYERS
@@ -48,7 +48,7 @@ def precisions(device: torch.device) -> list[str]:
     bfloat16 on a CPU only where it runs natively (emulated, a step takes minutes)."""
     if device.type == "cuda":
         return ["fp32", "bf16", "fp16"]
-    return ["fp32", "bf16"] if device.type != "cpu" or cpu_has_native_bf16() else ["fp32"]
+    return ["fp32", "bf16"] if device.type != "cpu" or cpu_bf16() != "emulated" else ["fp32"]
 
 
 def bare_seconds(vgg: torch.nn.Module, image: torch.Tensor, passes: int) -> float:
