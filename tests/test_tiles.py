@@ -159,8 +159,10 @@ def test_a_tiles_gradient_on_its_core_is_the_whole_pictures(masked, size):
         for rows, columns in cores:
             gradients[tile][..., rows, columns] = objective.gradient(x, rows, columns)
         losses[tile] = objective.last_losses()
-    error = (gradients[96] - gradients[0]).abs().max() / gradients[0].abs().max()
-    assert error < 2e-3, error.item()
+    # Over the whole gradient: at single pixels where it nearly cancels, the whole's own round-off (another number
+    # of threads) reached 1.2e-3 of its largest value on an AVX-512 CPU; over the whole it is 2e-4, like the tiles'.
+    error = (gradients[96] - gradients[0]).norm() / gradients[0].norm()
+    assert error < 1e-3, error.item()
     assert losses[96] == pytest.approx(losses[0], rel=1e-5)
 
 
