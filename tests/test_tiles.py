@@ -24,7 +24,7 @@ from stylize.plan import (
     plan,
     work_done,
 )
-from stylize.tiles import MARGIN, Adam, grid, with_margin
+from stylize.tiles import MARGIN, Adam, core_side, grid, with_margin
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")
@@ -47,10 +47,17 @@ def test_a_side_that_fits_one_tile_is_not_cut():
     assert grid((200, 600), 256, 1)[0][1] == slice(0, 200)
 
 
-def test_the_grid_moves_every_sweep():
-    cuts = [{c.start for _, c in grid((1000, 700), 300, sweep)} - {0} for sweep in range(1, 6)]
+@pytest.mark.parametrize("width", [1000, 3 * core_side(300), 8192])  # 672: three cores fit it exactly
+def test_the_grid_moves_every_sweep(width):
+    cuts = [{c.start for _, c in grid((width, 700), 300, sweep)} - {0} for sweep in range(1, 30)]
     assert all(cuts)
     assert all(not a & b for a, b in itertools.pairwise(cuts))  # no border in the same place two sweeps running
+
+
+def test_a_side_is_cut_into_the_fewest_cores_that_cover_it():
+    """Each core more is a margin more to compute: 1024 x 768 px in 512 px tiles is 3 x 2 tiles at every sweep (cut
+    every core_side px from a moving offset, it was 6 to 12)."""
+    assert {len(grid((1024, 768), 512, sweep)) for sweep in range(1, 30)} == {6}
 
 
 def test_only_what_does_not_fit_is_tiled(monkeypatch):
