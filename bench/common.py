@@ -86,15 +86,20 @@ class _ChosenImage(argparse.Action):
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: str | None = None
     ) -> None:
-        PAIR[self.dest] = value
-        setattr(namespace, self.dest, value)
+        path = value if value.exists() or not (IMAGES / value).exists() else IMAGES / value  # a classic image by name
+        PAIR[self.dest] = path
+        setattr(namespace, self.dest, path)
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     """--content and --style: any photo and painting, in place of the classic pair in ../shared/images."""
     for name, default in PAIR.items():
         parser.add_argument(
-            f"--{name}", type=Path, default=default, action=_ChosenImage, help=f"the {name} image (default: {default})"
+            f"--{name}",
+            type=Path,
+            default=default,
+            action=_ChosenImage,
+            help=f"the {name} image, or the name of one in {IMAGES} (default: {default.name})",
         )
 
 
