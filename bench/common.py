@@ -84,7 +84,7 @@ PAIR = {"content": IMAGES / CONTENT, "style": IMAGES / STYLE}  # what load_image
 
 class _ChosenImage(argparse.Action):
     def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: str | None = None
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Path, option: str | None = None
     ) -> None:
         path = value if value.exists() or not (IMAGES / value).exists() else IMAGES / value  # a classic image by name
         PAIR[self.dest] = path

@@ -60,7 +60,8 @@ def _cuts(length: int, tile: int, sweep: int) -> list[slice]:
 
     fewest = -(-cells // most)
     count = next((n for n in range(fewest, cells + 1) if room(n) > 0), fewest)  # none: tiles of one or two cells
-    shift = int((sweep * GOLDEN) % 1 * (2 * room(count) + 1)) - room(count)
+    moves = room(count)
+    shift = int((sweep * GOLDEN) % 1 * (2 * moves + 1)) - moves
     bounds = [0, *(CELL * (i * cells // count + shift) for i in range(1, count)), length]
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
