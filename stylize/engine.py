@@ -54,6 +54,7 @@ class Progress:
     size: tuple[int, int]  # (width, height) of the current scale
     elapsed: float  # seconds since the transfer started
     done: float  # share of the work done, 0 to 1 (a step costs the pixels it optimizes)
+    work: int  # the run's whole work (plan.work_done), a clip's every frame's
     losses: dict[str, float]
     weights: str  # "imagenet", "caffe" or "untrained"
     device: str  # where it runs: "cpu", "cuda:0", "mps"
@@ -175,17 +176,19 @@ class _Job:
         work: list[int],
         frame: int = 0,
         frames: int = 0,
-        share: tuple = (0, 1),
+        clip: tuple[int, int] | None = None,
     ) -> Callable[..., Progress]:
-        """A maker of Progress records for one picture (or one frame of a clip, whose work is the `share` of the
-        clip's from share[0] to share[0] + share[1])."""
+        """A maker of Progress records for one picture, or one frame of a clip, where `clip` is the clip's work
+        done before this frame and its whole work."""
+        before, whole = clip or (0, work[-1])
 
         def record(*, done: float, **fields: Any) -> Progress:
             return Progress(
                 total=len(work),
                 scales=len(scales),
                 elapsed=time.perf_counter() - started,
-                done=share[0] + share[1] * done,
+                done=(before + work[-1] * done) / whole,
+                work=whole,
                 weights=self.weights.kind,
                 device=str(self.device),
                 precision=self.precision,
@@ -246,7 +249,7 @@ def _optimize_clip(
                 objective.aim_temporal(x, reliable)
             work = work_done(scales)
             before = first_work + (number - 2) * later_work if number > 1 else 0
-            record = job.recorder(started, scales, work, number, count, (before / clip_work, work[-1] / clip_work))
+            record = job.recorder(started, scales, work, number, count, (before, clip_work))
             run = _Run(objective, photo, schedule, settings.optimizer, work, throttle, record)
             x = yield from _made(run, x, scales, styles, job.device)
 

@@ -29,7 +29,7 @@ from . import guard
 from .device import gpu_names, pick_device
 from .engine import Progress, transfer, transfer_clip
 from .images import bigger_metadata, load_image, load_opacity, png_metadata, result_metadata, save_png
-from .plan import job_work, later_frame_scales, plan
+from .plan import job_scales, later_frame_scales
 from .settings import PRESETS, Settings, SettingsError, brief, knob
 from .timing import GPU_SPEED, SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
 from .video import Clip, ClipWriter, read_frames
@@ -270,7 +270,7 @@ class Frame:
     tiles: int
     elapsed: float
     done: float  # share of the work done, 0 to 1
-    work: int  # the run's whole work, as the job clock counts it (engine.job_work)
+    work: int  # the run's whole work, a clip's every frame's (plan.work_done)
     final: bool
     device: str  # where it runs, "cpu" or "cuda:0", and in what number format, "bf16"
     precision: str
@@ -310,8 +310,7 @@ def _run(
     """Drive the engine: a Frame for each preview, then the final one at full size. `start`, a result to make
     bigger, and `made_from`, what its PNG is to record of it."""
     steps = transfer(content, styles, settings, mask=mask, bigger_from=start)
-    work = job_work(content.size, settings, 0 if start is None else max(start.size))
-    yield from _frames(steps, work, lambda progress: result_metadata(settings, progress) | made_from)
+    yield from _frames(steps, lambda progress: result_metadata(settings, progress) | made_from)
 
 
 def _clip_gpu_seconds(clip: Clip, style: Image.Image, settings: Settings) -> int:
@@ -326,23 +325,21 @@ def _run_clip(clip: Clip, style: Image.Image, settings: Settings) -> Iterator[Fr
     frame once finished, at full size."""
     pictures = read_frames(clip)
     steps = transfer_clip(pictures, style, settings, count=clip.frames)
-    work = job_work(clip.size, settings, frames=clip.frames)
-    later_steps = later_frame_scales(plan(clip.size, settings), settings)[0].steps
+    later_steps = later_frame_scales(job_scales(clip.size, settings), settings)[0].steps
     try:
-        yield from _frames(steps, work, lambda progress: {}, later_steps, clip)
+        yield from _frames(steps, lambda progress: {}, later_steps, clip)
     finally:
         pictures.close()
 
 
 def _frames(
     steps: Iterator[Progress],
-    work: int,
     metadata: Callable[[Progress], dict[str, str]],
     later_steps: int = 0,
     clip: Clip | None = None,
 ) -> Iterator[Frame]:
-    """The engine's progress as Frames, a preview's picture shrunk to PREVIEW_SIDE; `work` the whole job's,
-    `metadata` a finished picture's PNG text."""
+    """The engine's progress as Frames, a preview's picture shrunk to PREVIEW_SIDE; `metadata` a finished
+    picture's PNG text."""
     try:
         for progress in steps:
             yield Frame(
@@ -356,7 +353,7 @@ def _frames(
                 progress.tiles,
                 progress.elapsed,
                 progress.done,
-                work,
+                progress.work,
                 progress.final,
                 progress.device,
                 progress.precision,

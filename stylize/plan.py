@@ -137,14 +137,19 @@ def later_frame_scales(scales: list[Scale], settings: Settings) -> list[Scale]:
     return [replace(full, steps=steps)]
 
 
-def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0, frames: int = 1) -> int:
-    """The total work of a transfer of a `content_size` photo (see work_done; `above` as for plan), or of a clip
-    of `frames` such frames (the first's work, then each later frame's), known before it starts: tiles counted
-    with their margins, both those `tile_size` asks for and those auto tiles add past TILE_BYTES (in float32's
-    bytes where the precision is auto). Tiles that a device's free memory may call for are left out: a server's
-    memory is not known before its device is."""
+def job_scales(content_size: tuple[int, int], settings: Settings, above: int = 0) -> list[Scale]:
+    """The scales of a transfer of a `content_size` photo (`above` as for plan) as they are known before it starts:
+    with the tiles `tile_size` asks for and those auto tiles add past TILE_BYTES (in float32's bytes where the
+    precision is auto). Tiles that a device's free memory may call for are left out: a server's memory is not known
+    before its device is."""
     precision = "fp32" if settings.precision == "auto" else settings.precision
-    scales = fit_in_memory(plan(content_size, settings, above=above), settings, None, precision)
+    return fit_in_memory(plan(content_size, settings, above=above), settings, None, precision)
+
+
+def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0, frames: int = 1) -> int:
+    """The total work of a transfer (see work_done; its scales as job_scales has them), or of a clip of `frames`
+    such frames (the first's work, then each later frame's), known before it starts."""
+    scales = job_scales(content_size, settings, above)
     later = work_done(later_frame_scales(scales, settings))[-1] if frames > 1 else 0
     return work_done(scales)[-1] + (frames - 1) * later
 

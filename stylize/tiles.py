@@ -17,13 +17,22 @@ covers the receptive field (tests/test_tiles.py checks this).
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .losses import CELL, Gaussian, GaussianSums, StyleTarget, at_layer, feature_pieces, gaussian, gaussian_style_loss
+from .losses import (
+    CELL,
+    Gaussian,
+    GaussianSums,
+    StyleTarget,
+    at_layer,
+    even_cuts,
+    feature_pieces,
+    gaussian,
+    gaussian_style_loss,
+)
 from .vgg import stride
 
 MARGIN = 32  # px of context each side of a tile's core (bench/README.md: seams and time)
@@ -61,9 +70,7 @@ def _cuts(length: int, tile: int, sweep: int) -> list[slice]:
     fewest = -(-cells // most)
     count = next((n for n in range(fewest, cells + 1) if room(n) > 0), fewest)  # none: tiles of one or two cells
     moves = room(count)
-    shift = int((sweep * GOLDEN) % 1 * (2 * moves + 1)) - moves
-    bounds = [0, *(CELL * (i * cells // count + shift) for i in range(1, count)), length]
-    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    return even_cuts(length, count, int((sweep * GOLDEN) % 1 * (2 * moves + 1)) - moves)
 
 
 def with_margin(core: slice, length: int) -> slice:

