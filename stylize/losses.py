@@ -207,9 +207,14 @@ class _Moments(torch.autograd.Function):
 
 def _centred(features: torch.Tensor, share: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted mean of (1, C, H, W) features over positions, (C,), and the features less it, (C, n)."""
-    # (C, n): a view of channels-last features (what vgg.py returns); a crop of them (a statistics pass's piece) is
-    # copied position by position; flatten(2) copied it channel by channel, and its statistics took 1.8x as long.
-    flat = _at_least_float32(features[0].permute(1, 2, 0).reshape(-1, features.shape[1])).T
+    # (C, n): a view in either memory format (vgg.py's channels-last, or MPS's contiguous one). A crop of them (a
+    # statistics pass's piece) is copied in its own order: a channels-last one copied channel by channel made its
+    # statistics take 1.8x as long.
+    if features.stride(1) == 1:  # channels-last
+        flat = features[0].permute(1, 2, 0).reshape(-1, features.shape[1]).T
+    else:
+        flat = features[0].flatten(1)
+    flat = _at_least_float32(flat)
     mean = flat.mean(1) if share is None else flat @ share
     return mean, flat - mean[:, None]
 

@@ -117,14 +117,30 @@ def test_the_balance_table_holds_the_reference_for_imagenet_weights():
     assert imagenet.style_layers == pytest.approx({LAYER_NAMES[i]: w / total for i, w in STYLE_LAYERS.items()})
 
 
-def test_a_mask_weights_the_statistics_by_region():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_mask_weights_the_statistics_by_region(memory_format):
     generator = torch.Generator().manual_seed(3)
-    features = torch.randn(1, 5, 6, 8, dtype=torch.float64, generator=generator)
+    features = torch.randn(1, 5, 6, 8, dtype=torch.float64, generator=generator).contiguous(memory_format=memory_format)
     mask = torch.zeros(1, 1, 6, 8, dtype=torch.float64)
     mask[..., :, :3] = 1  # the left three columns
     masked = gaussian(features, mask)
     alone = gaussian(features[..., :, :3])
     assert torch.allclose(masked.mean, alone.mean) and torch.allclose(masked.cov, alone.cov)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_statistics_of_a_crop_are_its_positions_mean_and_covariance(memory_format):
+    """A statistics pass's pieces are crops of features in vgg.py's memory format (channels-last; contiguous on MPS),
+    which the statistics read in their own order."""
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(1, 6, 20, 24, dtype=torch.float64, generator=generator).contiguous(
+        memory_format=memory_format
+    )
+    crop = features[..., 3:17, 5:21]
+    positions = crop[0].reshape(6, -1).numpy()
+    statistics = gaussian(crop)
+    assert np.allclose(statistics.mean.numpy(), positions.mean(axis=1))
+    assert np.allclose(statistics.cov.numpy(), np.cov(positions, bias=True))
 
 
 def test_blended_styles_have_the_statistics_of_both_together():
