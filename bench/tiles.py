@@ -59,8 +59,9 @@ def seam_ratio(picture: np.ndarray, scale: Scale, sweep: int) -> float:
 
 
 def seam_sheet(whole: Image.Image, tiled: Image.Image, scale: Scale, sweep: int) -> Image.Image:
-    """A 256 px crop across the first tile corner of the last sweep, whole beside tiled, at twice the size (the
-    crop kept inside the picture: the moving grid's first corner may lie near its edge)."""
+    """A 256 px crop across the first tile's far corner at the last sweep, whole beside tiled, at twice the size
+    (the crop kept inside the picture: the moving grid's first corner may lie near its edge, and a strip across the
+    picture ends at it, so the crop is across its one cut edge)."""
     rows, columns = scale.grid(sweep)[0]
     y, x = (min(max(edge, 128), side - 128) for edge, side in ((rows.stop, tiled.height), (columns.stop, tiled.width)))
     crops = [

@@ -3,8 +3,8 @@ each step costs (what the job clock prices a job by).
 
 A transfer starts small (about 128 px on the long side), where steps are cheap and the layout forms, and is
 upsampled by about sqrt(2) per scale up to the requested size, with fewer steps at each larger scale. A scale
-bigger than `tile_size` (or than memory allows) is optimized tile by tile as the one picture it is (tiles.py).
-Making a result bigger, only the scales above its size are made.
+with more pixels than a `tile_size` square (or than memory allows) is optimized tile by tile as the one picture it
+is (tiles.py). Making a result bigger, only the scales above its size are made.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SCHEDULE = Schedule()
 class Scale:
     size: tuple[int, int]  # (width, height)
     steps: int
-    tile: int  # side of the square tiles it is optimized in, in px; 0 where it is optimized whole
+    tile: int  # its tiles hold at most tile² px (tiles.shape: square or strips); 0 where it is optimized whole
 
     def grid(self, sweep: int) -> list[tuple[slice, slice]]:
         """(rows, columns) of each tile's core at a sweep (1-based; each sweep is one step of the whole picture):
@@ -112,8 +112,9 @@ def plan(
     """The scales of a transfer: size, steps, and the tile side where `tile_size` asks for tiles. Making a picture
     `above` px long bigger, only the scales longer than it (with the steps they have in the whole plan)."""
     sizes = scale_sizes(image_size, settings.size, schedule.start_side)[-settings.steps :]
+    tile = max(0, settings.tile_size)
     scales = [
-        Scale(size, steps, settings.tile_size if 0 < settings.tile_size < max(size) else 0)
+        Scale(size, steps, tile if 0 < tile**2 < math.prod(size) else 0)
         for size, steps in zip(sizes, split_steps(settings.steps, len(sizes), schedule), strict=True)
         if max(size) > above
     ]
@@ -157,7 +158,7 @@ def job_work(content_size: tuple[int, int], settings: Settings, above: int = 0, 
 def peak_bytes(scale: Scale, precision: str) -> int:
     """The memory model: the picture's state, and the working memory of what is optimized at once."""
     width, height = scale.size
-    at_once = min(scale.tile, width) * min(scale.tile, height) if scale.tile else width * height
+    at_once = math.prod(tiles.shape(scale.size, scale.tile)) if scale.tile else width * height
     return PICTURE_BYTES_PER_PIXEL * width * height + BYTES_PER_PIXEL[precision] * at_once
 
 

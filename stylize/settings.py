@@ -148,8 +148,8 @@ class Settings:
         low=-1,
         high=8192,
         label="Tile size (px)",
-        help="Optimize the largest scales in tiles of this many px: -1 where the whole picture would take "
-        "more than a few GB of memory, 0 never.",
+        help="Optimize the largest scales in tiles of at most this many px squared (square, or strips across the "
+        "picture where fewer overlap): -1 where the whole picture would take more than a few GB of memory, 0 never.",
     )
 
     temporal_weight: float = _knob(

@@ -32,6 +32,7 @@ from .losses import (
     feature_pieces,
     gaussian,
     gaussian_style_loss,
+    piece_shape,
 )
 from .vgg import stride
 
@@ -48,18 +49,25 @@ def core_side(tile: int) -> int:
     return max(CELL, (tile - 2 * MARGIN) // CELL * CELL)
 
 
+def shape(size: tuple[int, int], tile: int) -> tuple[int, int]:
+    """(width, height) of the tiles of a (width, height) picture made in `tile` px tiles: at most tile² px each,
+    square or a strip across the picture, whichever computes fewer margins (losses.piece_shape)."""
+    return piece_shape(size, tile, MARGIN)
+
+
 def grid(size: tuple[int, int], tile: int, sweep: int) -> list[tuple[slice, slice]]:
     """(rows, columns) of each tile's core at a sweep: the cores cover the (width, height) picture once, cut on
     whole cells, moved by a different shift each sweep. A side that fits in one tile is not cut."""
-    rows, columns = (_cuts(length, tile, sweep) for length in (size[1], size[0]))
+    width, height = shape(size, tile)
+    rows, columns = _cuts(size[1], height, sweep), _cuts(size[0], width, sweep)
     return [(row, column) for row in rows for column in columns]
 
 
 def _cuts(length: int, tile: int, sweep: int) -> list[slice]:
-    """One side's cores at a sweep: as few as cover it, of even size, so that the fewest margins are computed (cut
-    every core_side px from a moving offset, 1024 px in 512 px tiles took 6% more work). Their borders move together
-    each sweep within the room the cores leave, at least a cell each way (one core more where the fewest leave
-    none), to a different place each sweep."""
+    """One side's cores at a sweep, its tiles `tile` px long on that side: as few as cover it, of even size, so that
+    the fewest margins are computed (cut every core_side px from a moving offset, 1024 px in 512 px tiles took 6%
+    more work). Their borders move together each sweep within the room the cores leave, at least a cell each way
+    (one core more where the fewest leave none), to a different place each sweep."""
     if length <= tile:
         return [slice(0, length)]
     cells, most = -(-length // CELL), core_side(tile) // CELL

@@ -236,4 +236,6 @@ class JobClock:
 
 
 def about(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    """A time as a person reads it: seconds under 90 s, else minutes to a tenth. Rounded up, so that an estimate
+    over a limit never reads as the limit itself (327 s against 5 min read "about 5 min")."""
+    return f"{math.ceil(seconds / 6) / 10:g} min" if seconds >= 90 else f"{math.ceil(seconds)} s"

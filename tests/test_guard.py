@@ -20,7 +20,7 @@ from stylize.engine import transfer
 from stylize.guard import Guard, client_of, sweep, sweeping
 from stylize.jobs import sample_speed
 from stylize.plan import Scale, job_scales, job_work, plan, work_done
-from stylize.timing import SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer
+from stylize.timing import SAMPLE, SAMPLE_PHOTO, JobClock, StepSpeed, StepTimer, about
 
 PHOTO = (4000, 3000)
 
@@ -36,7 +36,7 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(
         clock.check(PHOTO, fine, "Fine", limit)
     message = str(error.value)
     assert message.startswith(
-        f"A 2048 px picture with the Fine preset would take about {seconds / 60:.0f} min on "
+        f"A 2048 px picture with the Fine preset would take about {about(seconds)} on "
         "this server; the limit is 5 min. Choose "
     )
     fits = int(message.split("Choose ")[1].split(" px")[0])
@@ -44,6 +44,10 @@ def test_a_job_over_the_time_limit_is_refused_naming_the_largest_size_that_fits(
     assert clock.estimate(PHOTO, Settings(size=fits, steps=400)) <= 300
     assert clock.estimate(PHOTO, Settings(size=fits + 32, steps=400)) > 300
     clock.check(PHOTO, Settings(size=fits, steps=400), "Fine", limit)  # and that size is taken
+
+
+def test_a_time_over_a_limit_never_reads_as_the_limit():
+    assert (about(300), about(300.5), about(327), about(89.2)) == ("5 min", "5.1 min", "5.5 min", "90 s")
 
 
 def test_a_job_costs_its_steps_and_its_pixels():

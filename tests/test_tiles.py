@@ -9,7 +9,7 @@ import torch
 from helpers import artwork, photo
 from PIL import Image
 
-from stylize import Settings, SettingsError, transfer
+from stylize import Settings, SettingsError, tiles, transfer
 from stylize.engine import _style_targets
 from stylize.images import to_tensor
 from stylize.losses import BALANCES, CELL, piece_grid, tiled_gaussians
@@ -24,7 +24,7 @@ from stylize.plan import (
     plan,
     work_done,
 )
-from stylize.tiles import MARGIN, Adam, core_side, grid, with_margin
+from stylize.tiles import MARGIN, Adam, core_side, grid, shape, with_margin
 from stylize.vgg import feature_extractor
 
 CPU = torch.device("cpu")
@@ -39,7 +39,7 @@ def test_tiles_cores_cover_the_picture_once_on_whole_cells(size, sweep):
         cover[rows, columns] += 1
         assert all(s.start % CELL == 0 for s in (rows, columns))  # every layer's positions line up with the whole's
         seen = with_margin(rows, size[1]), with_margin(columns, size[0])
-        assert all(s.stop - s.start <= 256 for s in seen)  # memory follows the tile, margins included
+        assert (seen[0].stop - seen[0].start) * (seen[1].stop - seen[1].start) <= 256**2  # memory: margins too
     assert (cover == 1).all()
 
 
@@ -55,9 +55,25 @@ def test_the_grid_moves_every_sweep(width):
 
 
 def test_a_side_is_cut_into_the_fewest_cores_that_cover_it():
-    """Each core more is a margin more to compute: 1024 x 768 px in 512 px tiles is 3 x 2 tiles at every sweep (cut
-    every core_side px from a moving offset, it was 6 to 12)."""
-    assert {len(grid((1024, 768), 512, sweep)) for sweep in range(1, 30)} == {6}
+    """Each core more is a margin more to compute: in 512 px tiles 1024 px is 3 cores and 768 px 2 at every sweep
+    (cut every core_side px from a moving offset, 1024 x 768 px was 6 to 12 tiles)."""
+    assert {len(tiles._cuts(1024, 512, sweep)) for sweep in range(1, 30)} == {3}
+    assert {len(tiles._cuts(768, 512, sweep)) for sweep in range(1, 30)} == {2}
+
+
+@pytest.mark.parametrize(("size", "strips"), [((1024, 539), True), ((539, 1024), True), ((2048, 1536), False)])
+def test_tiles_are_squares_or_strips_whichever_computes_fewer_margins(size, strips):
+    """Memory follows a tile's pixels, not its shape: 1024 x 539 px in 512 px tiles is three strips across the
+    picture, which run 1.12 of its pixels (six squares ran 1.26); 2048 x 1536 px stays in squares."""
+    width, height = shape(size, 512)
+    assert width * height <= 512**2
+    squares = [(rows, columns) for rows in tiles._cuts(size[1], 512, 1) for columns in tiles._cuts(size[0], 512, 1)]
+    cores = grid(size, 512, 1)
+    if strips:
+        assert tiles.work(size, cores) < 0.95 * tiles.work(size, squares)
+        assert all(min(size) in (rows.stop - rows.start, columns.stop - columns.start) for rows, columns in cores)
+    else:
+        assert cores == squares
 
 
 @pytest.mark.parametrize(("size", "pieces"), [((1024, 768), 2), ((2048, 1536), 12), ((500, 300), 1)])
@@ -72,7 +88,7 @@ def test_statistics_are_taken_in_the_fewest_pieces_that_cover_the_picture_once(s
         covered[rows, columns] += 1
         assert seen_rows.start <= rows.start and rows.stop <= seen_rows.stop
         assert seen_columns.start <= columns.start and columns.stop <= seen_columns.stop
-        assert max(seen_rows.stop - seen_rows.start, seen_columns.stop - seen_columns.start) <= 768
+        assert (seen_rows.stop - seen_rows.start) * (seen_columns.stop - seen_columns.start) <= 768**2
         assert rows.start % CELL == 0 and columns.start % CELL == 0
     assert (covered == 1).all()
 
