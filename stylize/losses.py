@@ -306,34 +306,25 @@ CELL = 16  # relu5_1's stride: crops cut on multiples of it line up with the who
 STATISTICS_MARGIN = 64  # px of context around a piece whose statistics are taken (more is free: no gradients)
 
 
-def piece_shape(size: tuple[int, int], side: int, margin: int) -> tuple[int, int]:
-    """The (width, height) of the pieces a (width, height) picture is cut into, none more than side² px, each seen
-    with `margin` px of context where it is cut: the whole picture where it fits, else the square or a strip across
-    the picture (one side uncut), whichever computes the fewest margins. Memory follows a piece's pixels, not its
-    shape: 1024 x 539 px in 512 px squares runs 1.26 of its pixels, in strips as tall as it 1.12."""
+def piece_shapes(size: tuple[int, int], side: int) -> list[tuple[int, int]]:
+    """The (width, height) a (width, height) picture's pieces may have, none more than side² px: the square, or a
+    strip across the picture, one side uncut. Memory follows a piece's pixels, not its shape, and the shape that
+    computes the fewest margins wins: 1024 x 539 px in 512 px squares runs 1.26 of its pixels, in strips as tall
+    as it 1.12."""
     width, height = size
     area = side * side
-    if width * height <= area:
-        return size
-
-    def seen(length: int, piece: int) -> int:  # px a side's pieces see, margins included
-        core = max(CELL, (piece - 2 * margin) // CELL * CELL)
-        return length if length <= piece else length + 2 * margin * (-(-length // core) - 1)
-
-    shapes = [(side, side), (max(1, area // height), height), (width, max(1, area // width))]
-    return min(shapes, key=lambda shape: seen(width, shape[0]) * seen(height, shape[1]))
+    return [(side, side), (max(1, area // height), height), (width, max(1, area // width))]
 
 
 def piece_grid(size: tuple[int, int], tile: int) -> list[tuple[slice, slice, slice, slice]]:
     """(rows, columns, seen rows, seen columns) of the pieces a picture's statistics are taken in: cores on whole
-    cells covering the picture once, each seen with STATISTICS_MARGIN px of context, no more than tile² px
-    (`piece_shape`; one piece, the whole, where it fits or `tile` is 0). A side that fits in a piece is not cut, and
-    one that does not into the fewest cores that cover it (cut every core's side from the top left, 1024 x 768 px in
-    768 px pieces ran 1.31 times the picture's pixels; now 1.13 times)."""
+    cells covering the picture once, each seen with STATISTICS_MARGIN px of context, none more than tile² px (one
+    piece, the whole, where it fits or `tile` is 0), shaped as `piece_shapes` allows to see the fewest pixels. A side
+    that fits in a piece is not cut, and one that does not into the fewest cores that cover it (cut every core's
+    side from the top left, 1024 x 768 px in 768 px pieces ran 1.31 times the picture's pixels; now 1.13 times)."""
     width, height = size
     if not tile or width * height <= tile * tile:
         return [(slice(0, height), slice(0, width)) * 2]
-    shape = piece_shape(size, tile, STATISTICS_MARGIN)
 
     def cuts(length: int, piece: int) -> list[slice]:
         core = max(CELL, (piece - 2 * STATISTICS_MARGIN) // CELL * CELL)
@@ -342,11 +333,17 @@ def piece_grid(size: tuple[int, int], tile: int) -> list[tuple[slice, slice, sli
     def seen(span: slice, length: int) -> slice:
         return slice(max(0, span.start - STATISTICS_MARGIN), min(length, span.stop + STATISTICS_MARGIN))
 
-    return [
-        (rows, columns, seen(rows, height), seen(columns, width))
-        for rows in cuts(height, shape[1])
-        for columns in cuts(width, shape[0])
-    ]
+    def pieces(shape: tuple[int, int]) -> list[tuple[slice, slice, slice, slice]]:
+        return [
+            (rows, columns, seen(rows, height), seen(columns, width))
+            for rows in cuts(height, shape[1])
+            for columns in cuts(width, shape[0])
+        ]
+
+    def pixels(grid: list[tuple[slice, slice, slice, slice]]) -> int:
+        return sum((rows.stop - rows.start) * (columns.stop - columns.start) for _, _, rows, columns in grid)
+
+    return min((pieces(shape) for shape in piece_shapes(size, tile)), key=pixels)
 
 
 def even_cuts(length: int, count: int, shift: int = 0) -> list[slice]:

@@ -32,7 +32,7 @@ from .losses import (
     feature_pieces,
     gaussian,
     gaussian_style_loss,
-    piece_shape,
+    piece_shapes,
 )
 from .vgg import stride
 
@@ -51,15 +51,21 @@ def core_side(tile: int) -> int:
 
 def shape(size: tuple[int, int], tile: int) -> tuple[int, int]:
     """(width, height) of the tiles of a (width, height) picture made in `tile` px tiles: at most tile² px each,
-    square or a strip across the picture, whichever computes fewer margins (losses.piece_shape)."""
-    return piece_shape(size, tile, MARGIN)
+    square or a strip across the picture, whichever computes fewer margins (losses.piece_shapes); the same at
+    every sweep, as the number of cores a side is cut into is."""
+    if size[0] * size[1] <= tile * tile:
+        return size
+    return min(piece_shapes(size, tile), key=lambda shape: work(size, _grid(size, shape, 1)))
 
 
 def grid(size: tuple[int, int], tile: int, sweep: int) -> list[tuple[slice, slice]]:
     """(rows, columns) of each tile's core at a sweep: the cores cover the (width, height) picture once, cut on
     whole cells, moved by a different shift each sweep. A side that fits in one tile is not cut."""
-    width, height = shape(size, tile)
-    rows, columns = _cuts(size[1], height, sweep), _cuts(size[0], width, sweep)
+    return _grid(size, shape(size, tile), sweep)
+
+
+def _grid(size: tuple[int, int], shape: tuple[int, int], sweep: int) -> list[tuple[slice, slice]]:
+    rows, columns = _cuts(size[1], shape[1], sweep), _cuts(size[0], shape[0], sweep)
     return [(row, column) for row in rows for column in columns]
 
 
