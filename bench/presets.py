@@ -3,7 +3,7 @@
 The unit of cost is the bare step: one forward and backward of the engine's network (auto precision,
 channels-last) at 512 px and nothing else, timed in the same process (common.bare_step_seconds), so a preset's
 cost reads the same on a fast and a slow machine. Each preset runs twice on the same inputs, as it is now and as
-it was before the schedule was re-measured on trained features (BEFORE: the steps and schedule of that time),
+it was before the schedule was re-measured on trained features (BEFORE: the steps, optimizer and schedule of that time),
 and both final pictures are scored with the engine's objective in float32 (common.score). Weights are loaded
 first and timed on their own. "standard" runs once more with a consumer that does what the UI does with every
 preview (to PIL, then PNG-encode), which shows what preview encoding costs on the optimizer's thread.
@@ -38,9 +38,10 @@ from stylize.settings import PRESET_NAMES
 
 OUT = Path(__file__).resolve().parent / "out"  # git-ignored
 UNIT_SIZE = 512  # the bare step's size
-# The presets before the schedule was re-measured with trained features: (steps per preset, schedule).
+# The presets before the schedule was re-measured with trained features: (steps per preset, optimizer, schedule).
 BEFORE = (
     {"cpu": {"draft": 120, "standard": 250, "fine": 400}, "gpu": {"draft": 250, "standard": 400, "fine": 600}},
+    "adam",
     Schedule(start_side=128, step_decay=0.9, final_boost=1.0, learning_rate=0.02, average_decay=0.8),
 )
 
@@ -75,8 +76,10 @@ def report(device: torch.device, presets: list[str], before: bool = True) -> str
         runs = {"now": (Settings.from_preset(name, kind, weights=WEIGHTS, device=device.type), SCHEDULE)}
         if before:
             runs["before"] = (
-                Settings.from_preset(name, kind, steps=BEFORE[0][kind][name], weights=WEIGHTS, device=device.type),
-                BEFORE[1],
+                Settings.from_preset(
+                    name, kind, steps=BEFORE[0][kind][name], optimizer=BEFORE[1], weights=WEIGHTS, device=device.type
+                ),
+                BEFORE[2],
             )
         pictures, costs, scores = [], {}, {}
         for when, (settings, schedule) in runs.items():

@@ -26,7 +26,7 @@ from common import WEIGHTS, load_images, score, start, table
 from PIL import Image
 
 from stylize import Settings, transfer
-from stylize.engine import transfer_clip
+from stylize.engine import CLIP_OPTIMIZER, transfer_clip
 from stylize.flow import flicker, temporal_guide
 from stylize.images import fit, to_tensor
 from stylize.plan import job_work
@@ -143,7 +143,11 @@ def main() -> None:
     p.add_argument("--checked", type=int, default=2, help="frames whose quality is checked against their own picture")
     args, device = start(p)
     kind = "gpu" if device.type == "cuda" else "cpu"
-    settings = Settings.from_preset(args.preset, kind, weights=WEIGHTS, device=device.type)
+    # Frames made alone and pictures with the clip's optimizer: the comparisons are of the warm start and the
+    # temporal loss alone.
+    settings = replace(
+        Settings.from_preset(args.preset, kind, weights=WEIGHTS, device=device.type), optimizer=CLIP_OPTIMIZER
+    )
     content, style = load_images()
     count = round(args.seconds * args.fps)
     clips = {

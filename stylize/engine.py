@@ -41,6 +41,9 @@ from .vgg import UntrainedWeightsWarning, Weights, feature_extractor, resolve_we
 
 PREVIEW_SECONDS = 0.25  # at most one preview per this long, after the first step's
 STYLE_MAX_SIDE = 2048  # the style image is never seen larger than this
+# Clips are made with Adam whatever settings.optimizer says: from the warped start L-BFGS's larger steps took a
+# frame further from its own picture (bench/video.py's pan: 1.19 of its objective, against 1.08 with Adam).
+CLIP_OPTIMIZER = "adam"
 
 
 @dataclass
@@ -250,7 +253,7 @@ def _optimize_clip(
             work = work_done(scales)
             before = first_work + (number - 2) * later_work if number > 1 else 0
             record = job.recorder(started, scales, work, number, count, (before, clip_work))
-            run = _Run(objective, photo, schedule, settings.optimizer, work, throttle, record)
+            run = _Run(objective, photo, schedule, CLIP_OPTIMIZER, work, throttle, record)
             x = yield from _made(run, x, scales, styles, job.device)
 
 
@@ -373,7 +376,7 @@ class _Run:
         step = 0
         for index, scale in enumerate(scales, start=1):
             self.objective.aim_style(styles.at(scale))
-            x = yield from self.scale_steps(x, scale, index, step)
+            x = yield from self.scale_steps(x, scale, index, step, last=index == len(scales))
             step += scale.steps
         return x
 
@@ -391,7 +394,7 @@ class _Run:
         )
 
     def scale_steps(
-        self, x: torch.Tensor, scale: Scale, index: int, steps_before: int
+        self, x: torch.Tensor, scale: Scale, index: int, steps_before: int, *, last: bool
     ) -> Generator[Progress, None, torch.Tensor]:
         """One scale's steps from `x` (the picture so far), whole or tile by tile, yielding previews when due;
         returns the picture at the end of the scale. At a tiled scale each step is a sweep over the tiles."""
@@ -401,7 +404,9 @@ class _Run:
         objective.aim(images.resize(self.photo.target, scale.size), region, scale.tile)
         start = images.resize(x, scale.size)
         del x  # the previous scale's picture: memory for this one's
-        if self.optimizer == "lbfgs" and not scale.tile:
+        # L-BFGS makes only the last scale: its large first steps at the small scales lay out swirls across the
+        # photo's houses, which Adam's bounded steps do not (bench/README.md); at full size it reaches a lower loss.
+        if self.optimizer == "lbfgs" and last and not scale.tile:
             optimizer: tiles.Adam | _Lbfgs = _Lbfgs(objective, start, self.schedule.average_decay)
         else:  # tiled scales always use Adam: L-BFGS's history is of whole-picture steps
             optimizer = tiles.Adam(start, self.schedule.learning_rate, self.schedule.average_decay)
@@ -442,9 +447,11 @@ class _Lbfgs:
     def __init__(self, objective: Objective, start: torch.Tensor, average_decay: float):
         self.x = start.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
         # No tolerances: the engine counts the steps itself, and small losses (untrained features) have
-        # gradients below L-BFGS's default tolerance from the start.
+        # gradients below L-BFGS's default tolerance from the start. A history of 10 steps scored as 20 and 50
+        # did (bench/README.md) and keeps 240 bytes a pixel (two float32 pictures a step): within the room
+        # plan.BYTES_PER_PIXEL leaves above what was measured.
         self.optimizer = torch.optim.LBFGS(
-            [self.x], lr=1, max_iter=1, history_size=50, tolerance_grad=0, tolerance_change=0
+            [self.x], lr=1, max_iter=1, history_size=10, tolerance_grad=0, tolerance_change=0
         )
         self.closure = functools.partial(objective.closure, self.x, self.optimizer)
         self.average = self.x.detach().clone()

@@ -7,6 +7,7 @@ import torch
 from helpers import artwork, photo, style_distance
 from PIL import Image
 
+import stylize.engine
 from stylize import Settings, SettingsError, transfer
 from stylize.device import pick_device, pick_precision
 from stylize.images import to_tensor
@@ -42,6 +43,19 @@ def test_result_moves_towards_the_style_and_keeps_the_content(content_image, sty
         for im in (result, content_image)
     ]
     assert np.corrcoef(*grey)[0, 1] > 0.5
+
+
+def test_lbfgs_makes_only_the_last_scale(content_image, style_image, monkeypatch):
+    made = []
+
+    class Counted(stylize.engine._Lbfgs):
+        def __init__(self, objective, start, average_decay):
+            made.append(tuple(start.shape))
+            super().__init__(objective, start, average_decay)
+
+    monkeypatch.setattr(stylize.engine, "_Lbfgs", Counted)
+    final = run(content_image, style_image, optimizer="lbfgs", size=256)
+    assert final.scale == 3 and made == [(1, 3, 192, 256)]  # Adam laid out the smaller scales
 
 
 def test_same_inputs_settings_and_seed_give_the_same_pixels(content_image, style_image):

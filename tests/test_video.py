@@ -10,6 +10,7 @@ import torch
 from helpers import artwork, pan, texture, write_clip
 from PIL import Image
 
+import stylize.engine
 from stylize import Settings, transfer
 from stylize.engine import transfer_clip
 from stylize.flow import flicker, temporal_guide, warp
@@ -139,6 +140,16 @@ def test_clip_stream_says_frame_k_of_n_and_ends_each_frame():
     next(stream)
     stream.close()  # stops at once
     assert next(stream, None) is None
+
+
+def test_clips_are_made_with_adam_whatever_the_optimizer_setting(monkeypatch):
+    class Refused(stylize.engine._Lbfgs):
+        def __init__(self, *args):
+            raise AssertionError("a clip made an L-BFGS step")
+
+    monkeypatch.setattr(stylize.engine, "_Lbfgs", Refused)
+    finals = [r for r in transfer_clip(pan(2), artwork(), Settings(**TINY, optimizer="lbfgs")) if r.final]
+    assert len(finals) == 2
 
 
 def test_warm_start_and_temporal_loss_flicker_less_than_frames_made_alone():
