@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N", one GPU of several
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Output size and step count per quality preset, for the kind of device that
-# runs it. On a 2-core CPU "standard" costs about 71 bare steps (bench/README.md, issue 18).
+# runs it. On a 2-core CPU "standard" costs about 56 bare steps (bench/README.md, issue 18).
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {
         "draft": {"size": 256, "steps": 50},
