@@ -111,8 +111,8 @@ class Settings:
         "lbfgs",
         choices=OPTIMIZERS,
         label="Optimizer",
-        help="lbfgs: Adam at the smaller scales, L-BFGS at full size: a lower loss in the same steps than adam, "
-        "Adam throughout. Clips and scales made in tiles use Adam.",
+        help="lbfgs: Adam at the smaller scales, then L-BFGS at full size, which reaches a lower loss in the same "
+        "steps; adam: Adam throughout. Clips and scales made in tiles use Adam.",
     )
     seed: int = _knob(
         0, low=0, high=2**31 - 1, label="Seed", help="Same inputs, settings, seed and device give the same pixels."
